@@ -1,0 +1,704 @@
+"""DCGAN on 28x28 grayscale digits: MNIST, Fashion-MNIST, KMNIST, or a synthetic set that needs no download.
+
+The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) at the digits' native 28x28:
+transposed convolutions, BatchNorm and ReLU in G, strided convolutions, BatchNorm and LeakyReLU(0.2) in D.
+
+Train (downloads MNIST to ./data; about a minute on a current GPU, a few minutes on a laptop CPU):
+    python dcgan_mnist.py                                        # -> runs/mnist28
+    python dcgan_mnist.py --dataset fashion-mnist --epochs 20    # -> runs/fashion-mnist28
+CPU smoke test, no download, no GPU:
+    python dcgan_mnist.py --dataset synthetic --epochs 1
+    python dcgan_mnist.py --dataset synthetic --dry-run --out /tmp/smoke
+Continue a run to 20 epochs in total, sample from it, walk its latent space:
+    python dcgan_mnist.py --epochs 20 --resume
+    python dcgan_mnist.py --generate 1000
+    python dcgan_mnist.py --interpolate 16
+Inspect and measure:
+    python dcgan_mnist.py --summary
+    python dcgan_mnist.py --benchmark 50
+"""
+
+import argparse
+import contextlib
+import copy
+import csv
+import io
+import json
+import os
+import pickle
+import platform
+import signal
+import socket
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.nn.utils import parametrize
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+SCRIPT = "dcgan_mnist.py"
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "synthetic": None}
+SIZE, NC = 28, 1  # resolution and channels of every data set here
+ARCH = ("nz", "ngf", "ndf", "spectral_norm")  # arguments that shape the weights: --resume must keep them
+NOT_INHERITED = ("out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark")
+COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
+
+
+def number(kind, lo=None, hi=None):
+    """An argparse type: kind(text), checked against [lo, hi)."""
+
+    def parse(text):
+        value = kind(text)
+        if (lo is not None and value < lo) or (hi is not None and value >= hi):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi if hi is not None else 'inf'})")
+        return value
+
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--dataset", default="mnist", choices=DATASETS, help="which data; synthetic needs no files")
+    p.add_argument("--data", default="./data", help="torchvision root the data is downloaded to / read from")
+    p.add_argument("--out", default=None, help="run directory (default runs/<dataset>28)")
+    p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images only")
+    p.add_argument("--epochs", type=number(int, 1), default=10, help="total epochs of the run (also with --resume)")
+    p.add_argument("--max-steps", type=number(int, 1), default=None, help="stop after N optimisation steps in total")
+    p.add_argument("--dry-run", action="store_true", help="one step, all artifacts written; a smoke test")
+    p.add_argument("--batch-size", type=number(int, 2), default=128, help="images per step")
+    p.add_argument("--nz", type=number(int, 1), default=100, help="size of the latent vector z")
+    p.add_argument("--ngf", type=number(int, 1), default=32, help="width of the generator")
+    p.add_argument("--ndf", type=number(int, 1), default=32, help="width of the discriminator")
+    p.add_argument("--lr-g", type=number(float, 0), default=2e-4, help="generator learning rate")
+    p.add_argument("--lr-d", type=number(float, 0), default=2e-4, help="discriminator learning rate (TTUR if != lr-g)")
+    p.add_argument("--beta1", type=number(float, 0, 1), default=0.5, help="Adam beta1 (0.5 as in the paper)")
+    p.add_argument("--beta2", type=number(float, 0, 1), default=0.999, help="Adam beta2")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; same seed + device = same run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower; exact reruns)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    mode.add_argument("--generate", type=number(int, 1), metavar="N", help="write N images from --checkpoint")
+    mode.add_argument("--interpolate", type=number(int, 2), metavar="K", help="latent walk, K frames per segment")
+    mode.add_argument("--summary", action="store_true", help="print both networks layer by layer and exit")
+    mode.add_argument("--benchmark", type=number(int, 1), metavar="N", help="time N training steps, no data/files")
+    p.add_argument("--checkpoint", default=None, help="for --generate/--interpolate (default <out>/checkpoint.pt)")
+    p.add_argument("--sample-every", type=number(int, 0), default=0, help="extra fixed-noise grid every N steps")
+    p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
+    p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
+    tricks = p.add_argument_group("training tricks (all off by default)")
+    tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="real target 1-S")
+    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D inputs, to 0")
+    tricks.add_argument("--g-steps", type=number(int, 1), default=1, help="G updates per D update")
+    tricks.add_argument("--d-optim", default="adam", choices=["adam", "sgd"], help="D optimizer (sgd: momentum 0.9)")
+    tricks.add_argument("--spectral-norm", action="store_true", help="spectral norm on D's convolutions")
+    tricks.add_argument("--d-dropout", type=number(float, 0, 1), default=0.0, help="spatial dropout in D")
+    tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
+    tricks.add_argument("--ema", type=number(float, 0, 1), default=0.0, help="EMA decay of G's weights (0: off)")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}{SIZE}")
+    # the flags typed on the command line: with --resume, every other argument comes from the checkpoint
+    typed = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
+    args.given = sorted(a.dest for a in p._actions if set(a.option_strings) & set(typed))
+    return args
+
+
+def die(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the whole training set is one uint8 tensor on the training device
+
+
+def synthetic_digits(n, seed=0):
+    """Digit glyphs drawn with Pillow's built-in font, jittered in stroke, position, scale and rotation."""
+    from PIL import ImageDraw, ImageFont
+
+    font, glyphs = ImageFont.load_default(size=40), []
+    for digit in range(10):
+        for stroke in (0, 1, 2):
+            im = Image.new("L", (56, 56))
+            ImageDraw.Draw(im).text((28, 28), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+            glyphs.append(np.asarray(im))
+    glyphs = torch.from_numpy(np.stack(glyphs)).float().div(255).unsqueeze(1)
+    g = torch.Generator().manual_seed(seed)  # the data set is the same whatever the run's --seed
+    angle, scale = (torch.rand(n, generator=g) - 0.5) * 0.6, 0.85 + 0.35 * torch.rand(n, generator=g)
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.3
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    pick = torch.randint(len(glyphs), (n,), generator=g)
+    grid = F.affine_grid(theta, [n, NC, SIZE, SIZE], align_corners=False)
+    return F.grid_sample(glyphs[pick], grid, align_corners=False).mul(255).round().to(torch.uint8)
+
+
+def load_dataset(args):
+    """(N, 1, 28, 28) uint8: synthetic, or torchvision's training split (downloaded once into --data)."""
+    if args.dataset == "synthetic":
+        data, where = synthetic_digits(args.max_images or 6000), "generated in memory"
+    else:
+        cls = getattr(torchvision.datasets, DATASETS[args.dataset])
+        raw = os.path.join(args.data, cls.__name__, "raw")
+        try:  # torchvision prints a line per failed mirror; keep the one message of SPEC §5 instead
+            socket.setdefaulttimeout(30)
+            with contextlib.redirect_stdout(io.StringIO()):
+                data, where = cls(args.data, train=True, download=True).data.unsqueeze(1), f"from {raw}"
+        except Exception as e:  # offline, proxy, quota, bad checksum: all end the same way
+            files = " and ".join(name for name, _ in cls.resources[:2])
+            die(f"{args.dataset} is not in {raw} and could not be downloaded ({type(e).__name__}: {e}). "
+                f"Download {files} from {cls.mirrors[0]} into {raw}, or run once with network access.")
+    data = data[: args.max_images].contiguous()
+    print(f"data: {len(data)} images of {NC}x{SIZE}x{SIZE} ({args.dataset}, {where})")
+    return data
+
+
+class BatchSource:
+    """uint8 batches drawn on the device from the whole set (60k MNIST digits are 47 MB): no DataLoader."""
+
+    def __init__(self, data, args, device):
+        if len(data) < args.batch_size:
+            die(f"the data set has {len(data)} images, fewer than --batch-size {args.batch_size}")
+        self.data, self.batch_size, self.seed = data.to(device), args.batch_size, args.seed
+
+    def __len__(self):
+        return len(self.data) // self.batch_size
+
+    def epoch(self, epoch, start=0):
+        # one permutation per (seed, epoch): a run resumed mid-epoch draws exactly the batches it would have
+        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        perm = perm[: len(self) * self.batch_size].view(len(self), self.batch_size).to(self.data.device)
+        for idx in perm[start:]:
+            yield self.data[idx]
+
+
+def preprocess(batch, args):
+    """uint8 [0, 255] -> float [-1, 1], channels-last like the networks."""
+    return batch.float().div_(127.5).sub_(1).contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def weights_init(m):
+    # the paper: every weight from N(0, 0.02), BatchNorm scale from N(1, 0.02)
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+        nn.init.normal_(w, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    def __init__(self, nz=100, ngf=64, nc=NC):
+        super().__init__()
+        self.main = nn.Sequential(
+            # input: nz x 1 x 1
+            nn.ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(True),
+            # state size: (ngf*4) x 7 x 7
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(True),
+            # state size: (ngf*2) x 14 x 14
+            nn.ConvTranspose2d(ngf * 2, nc, 4, 2, 1, bias=False),
+            nn.Tanh(),
+            # state size: nc x 28 x 28
+        )
+        self.apply(weights_init)
+
+    def forward(self, z):
+        return self.main(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, ndf=64, nc=NC, spectral_norm=False, dropout=0.0):
+        super().__init__()
+        # spectral norm replaces BatchNorm in D (Miyato et al. 2018, https://arxiv.org/abs/1802.05957)
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        norm = (lambda c: nn.Identity()) if spectral_norm else nn.BatchNorm2d
+        # spatial dropout in D, as in seed 003
+        drop = (lambda: nn.Dropout2d(dropout)) if dropout else nn.Identity
+        self.main = nn.Sequential(
+            # input: nc x 28 x 28
+            sn(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False)),
+            nn.LeakyReLU(0.2, inplace=True),
+            drop(),
+            # state size: ndf x 14 x 14
+            sn(nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False)),
+            norm(ndf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            drop(),
+            # state size: (ndf*2) x 7 x 7
+            sn(nn.Conv2d(ndf * 2, 1, 7, 1, 0, bias=False)),
+            # output: 1 x 1 x 1, a logit: BCE-with-logits is safe under autocast, Sigmoid + BCELoss is not
+        )
+        self.apply(weights_init)
+
+    def forward(self, x):
+        return self.main(x).view(-1)
+
+
+def build(args, device, amp):
+    """Networks, EMA copy, optimizers and grad scaler: everything a checkpoint holds."""
+    G = Generator(args.nz, args.ngf).to(device, memory_format=torch.channels_last)
+    D = Discriminator(args.ndf, NC, args.spectral_norm, args.d_dropout).to(device, memory_format=torch.channels_last)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole Adam update
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
+    if args.d_optim == "sgd":  # SGD with momentum for D, as in seed 004 and ganhacks
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)
+    else:
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
+    # EMA of G's weights (Yazici et al. 2019, https://arxiv.org/abs/1806.04498), used for every image written
+    ema = copy.deepcopy(G).eval().requires_grad_(False) if args.ema else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    net_g, net_d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    return SimpleNamespace(
+        G=G, D=D, net_g=net_g, net_d=net_d, ema=ema, opt_g=opt_g, opt_d=opt_d,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    )  # fmt: skip
+
+
+def noisy(x, sigma):
+    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D
+    return x + sigma * torch.randn_like(x) if sigma else x
+
+
+def optimizer_step(opt, net, scaler, clip):
+    if clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(net.parameters(), clip)  # foreach norm on the device, no sync
+    scaler.step(opt)
+
+
+def train_step(m, real, args, sigma):
+    """One D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as a device tensor."""
+    # no .item() in here: it would make the CPU wait for the GPU every step
+    z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
+    ############################
+    # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
+    ############################
+    with m.autocast():
+        fake = m.net_g(z)
+        out_real = m.net_d(noisy(real, sigma))
+        out_fake = m.net_d(noisy(fake.detach(), sigma))
+        # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498)
+        loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
+        loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+    m.opt_d.zero_grad(set_to_none=True)
+    m.scaler.scale(loss_d).backward()
+    optimizer_step(m.opt_d, m.D, m.scaler, args.clip_grad)
+    ############################
+    # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
+    ############################
+    m.D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
+    for k in range(args.g_steps):
+        with m.autocast():
+            if k:  # extra G steps (seeds 000 and 001) draw fresh noise
+                fake = m.net_g(torch.randn_like(z))
+            out = m.net_d(noisy(fake, sigma))
+            loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        m.opt_g.zero_grad(set_to_none=True)
+        m.scaler.scale(loss_g).backward()
+        optimizer_step(m.opt_g, m.G, m.scaler, args.clip_grad)
+        if m.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(m.ema.parameters()), list(m.G.parameters()), 1 - args.ema)
+                torch._foreach_copy_(list(m.ema.buffers()), list(m.G.buffers()))
+    m.D.requires_grad_(True)
+    m.scaler.update()
+    probs = torch.stack([out_real.float().sigmoid().mean(), out_fake.float().sigmoid().mean()])
+    return torch.cat([torch.stack([loss_d, loss_g]).detach().float(), probs.detach()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+
+
+def atomic_write(path, write, sync=False):
+    """write(file) to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"could not write {path}: {e.strerror or e}. Files written before are intact.", 1)
+
+
+def save_png(chw, path):
+    """One uint8 CHW image (1 or 3 channels) as an L or RGB PNG."""
+    arr = chw.permute(1, 2, 0).numpy()
+    atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
+
+
+def to_uint8(x):
+    return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+
+
+def save_grid(images, path):
+    """An 8x8 grid with 2-pixel gaps, in the data's own channels."""
+    save_png(make_grid(to_uint8(images), nrow=8, padding=2)[: images.size(1)], path)
+
+
+@torch.no_grad()
+def sample(m, fixed_noise):
+    net = m.ema if m.ema is not None else m.G
+    net.eval()
+    with m.autocast():
+        images = net(fixed_noise)
+    net.train(m.ema is None)
+    return images
+
+
+def save_checkpoint(path, m, step, steps_per_epoch, args, fixed_noise):
+    ck = {
+        "script": SCRIPT, "generator": m.G.state_dict(), "discriminator": m.D.state_dict(),
+        "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(), "scaler": m.scaler.state_dict(),
+        "step": step, "epoch": step // steps_per_epoch, "args": {k: v for k, v in vars(args).items() if k != "given"},
+        "fixed_noise": fixed_noise.cpu(), "rng_cpu": torch.get_rng_state(),
+    }  # fmt: skip
+    if m.ema is not None:
+        ck["ema"] = m.ema.state_dict()
+    if torch.cuda.is_available() and fixed_noise.is_cuda:
+        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    atomic_write(path, lambda f: torch.save(ck, f), sync=True)
+
+
+def load_checkpoint(path):
+    """Plain data only: weights_only=True refuses a pickle that would run code, before running any of it."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            die(f"{path} holds objects other than plain data (code?); refused, nothing in it was executed")
+        die(f"{path} is not a checkpoint (not a torch.save file: {str(e).splitlines()[0]})")
+    except Exception as e:  # truncated zip, random bytes, empty file
+        die(f"{path} is unreadable, truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
+        script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
+        die(f"{path} was written by {script}, not {SCRIPT}")
+    return ck
+
+
+def generator_from(ck, device):
+    """The generator a checkpoint describes, with the EMA weights when it has them."""
+    G = Generator(ck["args"]["nz"], ck["args"]["ngf"]).to(device)
+    G.load_state_dict(ck.get("ema") or ck["generator"])
+    return G.eval()
+
+
+class Log:
+    """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps."""
+
+    def __init__(self, args, device, step):
+        self.path, self.n, self.rows = os.path.join(args.out, "losses.csv"), 0, []
+        if os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
+            with open(self.path, newline="") as f:
+                kept = [r for r in list(csv.reader(f))[1:] if len(r) >= 6 and r[0].isdigit() and int(r[0]) <= step]
+            atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS] + kept).encode()))
+        else:
+            atomic_write(self.path, lambda f: f.write((",".join(COLUMNS) + "\n").encode()))
+        self.file = open(self.path, "a", newline="")
+        self.buf = torch.zeros(args.log_every, 4, device=device)
+        self.tb = None
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                die("--tensorboard needs the tensorboard package: pip install tensorboard")
+            self.tb = SummaryWriter(os.path.join(args.out, "tb"))
+
+    def add(self, stats):
+        self.buf[self.n] = stats
+        self.n += 1
+
+    def flush(self, step, epoch):
+        """Write the buffered rows; returns the first step whose losses are not finite, or None."""
+        values, self.n = self.buf[: self.n].tolist(), 0  # the one host-device sync per --log-every steps
+        first = step - len(values) + 1
+        for i, v in enumerate(values):
+            if not all(np.isfinite(v)):
+                self.file.flush()
+                return first + i
+            self.rows.append(v)
+            try:
+                self.file.write(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
+            except OSError as e:
+                die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
+            if self.tb:
+                for name, x in zip(COLUMNS[2:], v):
+                    self.tb.add_scalar(name, x, first + i)
+        self.file.flush()
+        return None
+
+    def epoch_means(self):
+        means, self.rows = np.mean(self.rows, axis=0) if self.rows else [float("nan")] * 4, []
+        return "  ".join(f"{k} {v:.3f}" for k, v in zip(("loss_d", "loss_g", "D(x)", "D(G(z))"), means))
+
+
+def setup(args):
+    """Seed, device and precision, one line each."""
+    torch.manual_seed(args.seed)
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        die(f"--device {name}: not available on this machine")
+    device = torch.device(name)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic  # fixed shapes: let cuDNN time its kernels once
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
+    amp = args.amp
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:  # bf16 pays on a CPU only where it has bf16 instructions (AVX512-BF16 or AMX)
+            cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+            amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
+    print(f"seed: {args.seed}")
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"amp: {amp}")
+    return device, amp
+
+
+def prepare_run(args):
+    """Refuse to overwrite a run; with --resume, load its checkpoint and take its arguments."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not args.resume:
+        if any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")):
+            die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
+        return None
+    ck = load_checkpoint(path)
+    diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
+            for k in ARCH if k in args.given and ck["args"].get(k) != getattr(args, k)]  # fmt: skip
+    if diff:
+        die(f"--resume: architecture arguments differ from the checkpoint's: {'; '.join(diff)}")
+    for k, v in ck["args"].items():
+        if k in vars(args) and k not in args.given and k not in NOT_INHERITED:
+            setattr(args, k, v)
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args):
+    ck = prepare_run(args)
+    device, amp = setup(args)
+    try:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out {args.out}: {e.strerror}", 1)
+    batches = BatchSource(load_dataset(args), args, device)
+    m = build(args, device, amp)
+    steps_per_epoch = len(batches)
+    total = 1 if args.dry_run else min(args.max_steps or 1 << 62, args.epochs * steps_per_epoch)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if ck:
+        for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
+            net.load_state_dict(ck[key])
+        if m.ema is not None:
+            m.ema.load_state_dict(ck.get("ema") or ck["generator"])
+        m.scaler.load_state_dict(ck["scaler"])
+        step, fixed_noise = ck["step"], ck["fixed_noise"].to(device)
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        print(f"resume: step {step} (epoch {step // steps_per_epoch}) from {ckpt_path}")
+    else:
+        step = 0
+        fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        save_grid(preprocess(next(batches.epoch(0))[:64], args), os.path.join(args.out, "samples", "real.png"))
+        save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
+    params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
+    config = {k: v for k, v in vars(args).items() if k != "given"} | {
+        "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
+        "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "numpy": np.__version__},
+    }  # fmt: skip
+    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+    log, saved = Log(args, device, step), step
+    if step >= total:
+        print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
+        return
+    stop = []  # the signal that asked us to stop: the step in flight finishes, then everything is saved
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL)))
+    print(f"training: {total - step} steps to go, {steps_per_epoch} per epoch, batch {args.batch_size}, out {args.out}")
+    while step < total and not stop:
+        epoch, t0, start = step // steps_per_epoch, time.time(), step
+        bar = tqdm(total=steps_per_epoch * args.batch_size, initial=(step % steps_per_epoch) * args.batch_size,
+                   unit="img", unit_scale=True, desc=f"epoch {epoch + 1}", disable=None, leave=False)  # fmt: skip
+        for real in batches.epoch(epoch, step % steps_per_epoch):
+            # instance noise anneals to 0 over the planned run, whatever --max-steps says
+            sigma = args.instance_noise * max(0.0, 1 - step / (args.epochs * steps_per_epoch))
+            log.add(train_step(m, preprocess(real, args), args, sigma))
+            step += 1
+            bar.update(args.batch_size)
+            epoch_end, last = step % steps_per_epoch == 0, step >= total or bool(stop)
+            if log.n == args.log_every or epoch_end or last or (args.save_every and step % args.save_every == 0):
+                bad = log.flush(step, epoch + 1)
+                if bad:
+                    die(f"loss became NaN or infinite at step {bad}: training stopped. The last good checkpoint "
+                        f"(step {saved}) is kept in {ckpt_path}. Lower --lr-d/--lr-g or add --spectral-norm or "
+                        f"--clip-grad, then --resume.", 3)  # fmt: skip
+                r = log.rows[-1]
+                bar.set_postfix_str(f"loss_d {r[0]:.3f} loss_g {r[1]:.3f} D(x) {r[2]:.2f} D(G(z)) {r[3]:.2f}")
+            if args.sample_every and step % args.sample_every == 0:
+                save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
+            if epoch_end or last or (args.save_every and step % args.save_every == 0):
+                weights = [p.detach() for p in (*m.G.parameters(), *m.D.parameters())]
+                if not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
+                    die(f"weights became NaN or infinite by step {step}: training stopped. The last good checkpoint "
+                        f"(step {saved}) is kept in {ckpt_path}.", 3)  # fmt: skip
+            if epoch_end or last:
+                images = sample(m, fixed_noise)
+                save_grid(images, os.path.join(args.out, "samples", f"epoch_{epoch + 1:03d}.png"))
+                if log.tb:
+                    log.tb.add_images("samples", to_uint8(images), step)
+            if epoch_end or last or (args.save_every and step % args.save_every == 0):
+                save_checkpoint(ckpt_path, m, step, steps_per_epoch, args, fixed_noise)
+                saved = step
+            if last:
+                break
+        bar.close()
+        dt = time.time() - t0
+        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {log.epoch_means()}  "
+              f"{(step - start) * args.batch_size / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
+    if stop:
+        name = signal.Signals(stop[0]).name
+        print(f"{name}: stopped after step {step}; checkpoint and samples saved in {args.out}. "
+              f"Continue with: python {SCRIPT} --out {args.out} --resume")  # fmt: skip
+        sys.exit(128 + stop[0])
+    print(f"done: {step} steps, samples in {os.path.join(args.out, 'samples')}, checkpoint {ckpt_path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No-training modes
+
+
+def generate(args):
+    device, _ = setup(args)
+    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
+    folder = os.path.join(args.out, "generated")
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    with torch.no_grad():
+        for i in range(0, args.generate, 256):
+            z = torch.randn(min(256, args.generate - i), G.main[0].in_channels, 1, 1, device=device)
+            images.append(to_uint8(G(z)))
+    images = torch.cat(images)
+    for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
+        save_png(img, os.path.join(folder, f"{i:06d}.png"))
+    save_png(make_grid(images[:64], nrow=8, padding=2)[:NC], os.path.join(folder, "grid.png"))
+    print(f"wrote {len(images)} images and grid.png to {folder}")
+
+
+def slerp(a, b, t):
+    """Spherical interpolation: Gaussian latents live near a sphere (White 2016, https://arxiv.org/abs/1609.04468)."""
+    omega = torch.acos((F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1, keepdim=True).clamp(-1, 1))
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega).clamp_min(1e-6)
+
+
+def interpolate(args):
+    import imageio.v3 as iio
+
+    device, _ = setup(args)
+    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
+    keys = torch.randn(4, 16, G.main[0].in_channels, device=device)  # 16 walks through 4 points and back
+    frames = []
+    with torch.no_grad():
+        for a, b in zip(keys, keys.roll(-1, 0)):
+            for t in torch.arange(args.interpolate) / args.interpolate:
+                grid = make_grid(to_uint8(G(slerp(a, b, t)[..., None, None])), nrow=4, padding=2)[:NC]
+                frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
+    path = os.path.join(args.out, "interpolation.gif")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
+    print(f"wrote {path}: {len(frames)} frames")
+
+
+def summary(args):
+    nets = (("Generator", Generator(args.nz, args.ngf), torch.zeros(1, args.nz, 1, 1)),
+            ("Discriminator", Discriminator(args.ndf, NC, args.spectral_norm, args.d_dropout), torch.zeros(1, NC, SIZE, SIZE)))  # fmt: skip
+    for name, net, x in nets:
+        print(f"{name}\n  {'layer':<34}{'output shape':>20}{'parameters':>14}")
+        with torch.no_grad():
+            for i, layer in enumerate(net.eval().main):
+                x = layer(x)
+                n = sum(p.numel() for p in layer.parameters())
+                print(f"  {i:>2} {type(layer).__name__:<31}{str(tuple(x.shape[1:])):>20}{n:>14,}")
+        print(f"  total parameters: {sum(p.numel() for p in net.parameters()):,}\n")
+
+
+def benchmark(args):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device, amp = setup(args)
+    m = build(args, device, amp)
+    real = preprocess(torch.randint(0, 256, (args.batch_size, NC, SIZE, SIZE), dtype=torch.uint8, device=device), args)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
+        m.net_g, m.net_d, compiled = m.G, m.D, (m.net_g, m.net_d)
+        train_step(m, real, args, 0.0)
+    m.net_g, m.net_d = compiled
+    for _ in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
+        train_step(m, real, args, 0.0)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.benchmark):
+        train_step(m, real, args, 0.0)
+    sync()
+    dt = time.perf_counter() - t0
+    flops = counter.get_total_flops()
+    print(f"benchmark: {args.benchmark} steps x {args.batch_size} images in {dt:.2f} s: "
+          f"{args.benchmark * args.batch_size / dt:,.0f} images/s, {flops * args.benchmark / dt / 1e12:.3f} TFLOP/s "
+          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.summary:
+            summary(args)
+        elif args.benchmark:
+            benchmark(args)
+        elif args.generate:
+            generate(args)
+        elif args.interpolate:
+            interpolate(args)
+        else:
+            train(args)
+    except KeyboardInterrupt:  # before training started (data loading): nothing half-written to clean up
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
