@@ -23,6 +23,7 @@ import contextlib
 import copy
 import csv
 import io
+import itertools
 import json
 import os
 import pickle
@@ -31,6 +32,8 @@ import signal
 import socket
 import sys
 import time
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,7 +50,17 @@ SCRIPT = "dcgan_mnist.py"
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "synthetic": None}
 SIZE, NC = 28, 1  # resolution and channels of every data set here
 ARCH = ("nz", "ngf", "ndf", "spectral_norm")  # arguments that shape the weights: --resume must keep them
-NOT_INHERITED = ("out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark")
+NOT_INHERITED = (
+    "out",
+    "resume",
+    "max_steps",
+    "dry_run",
+    "generate",
+    "checkpoint",
+    "interpolate",
+    "summary",
+    "benchmark",
+)
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
 
 
@@ -64,7 +77,9 @@ def number(kind, lo=None, hi=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--dataset", default="mnist", choices=DATASETS, help="which data; synthetic needs no files")
     p.add_argument("--data", default="./data", help="torchvision root the data is downloaded to / read from")
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>28)")
@@ -130,7 +145,9 @@ def synthetic_digits(n, seed=0):
     for digit in range(10):
         for stroke in (0, 1, 2):
             im = Image.new("L", (56, 56))
-            ImageDraw.Draw(im).text((28, 28), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+            ImageDraw.Draw(im).text(
+                (28, 28), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255
+            )
             glyphs.append(np.asarray(im))
     glyphs = torch.from_numpy(np.stack(glyphs)).float().div(255).unsqueeze(1)
     g = torch.Generator().manual_seed(seed)  # the data set is the same whatever the run's --seed
@@ -154,10 +171,12 @@ def load_dataset(args):
             socket.setdefaulttimeout(30)
             with contextlib.redirect_stdout(io.StringIO()):
                 data, where = cls(args.data, train=True, download=True).data.unsqueeze(1), f"from {raw}"
-        except Exception as e:  # offline, proxy, quota, bad checksum: all end the same way
+        except Exception as e:  # noqa: BLE001 (offline, proxy, quota, bad checksum: all end the same way)
             files = " and ".join(name for name, _ in cls.resources[:2])
-            die(f"{args.dataset} is not in {raw} and could not be downloaded ({type(e).__name__}: {e}). "
-                f"Download {files} from {cls.mirrors[0]} into {raw}, or run once with network access.")
+            die(
+                f"{args.dataset} is not in {raw} and could not be downloaded ({' '.join(str(e).split())[-160:]}). "
+                f"Download {files} from {cls.mirrors[0]} into {raw}, or run once with network access."
+            )
     data = data[: args.max_images].contiguous()
     print(f"data: {len(data)} images of {NC}x{SIZE}x{SIZE} ({args.dataset}, {where})")
     return data
@@ -339,10 +358,13 @@ def atomic_write(path, write, sync=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        die(f"could not write {path}: {e.strerror or e}. Files written before are intact.", 1)
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        die(f"could not write {path}: {cause.strerror or cause}. Files written before are intact.", 1)
 
 
 def save_png(chw, path):
@@ -389,13 +411,16 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: one message is enough
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            die(f"{path} holds objects other than plain data (code?); refused, nothing in it was executed")
-        die(f"{path} is not a checkpoint (not a torch.save file: {str(e).splitlines()[0]})")
-    except Exception as e:  # truncated zip, random bytes, empty file
-        die(f"{path} is unreadable, truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if "GLOBAL" in str(e):  # the pickle names a function or class to call
+            code = str(e).split("GLOBAL ")[1].split()[0]
+            die(f"{path} holds objects other than plain data ({code}); refused, nothing in it was executed")
+        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint (unpickling failed)")
+    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file)
+        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
         die(f"{path} was written by {script}, not {SCRIPT}")
@@ -420,7 +445,7 @@ class Log:
             atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS] + kept).encode()))
         else:
             atomic_write(self.path, lambda f: f.write((",".join(COLUMNS) + "\n").encode()))
-        self.file = open(self.path, "a", newline="")
+        self.file = open(self.path, "a", newline="")  # noqa: SIM115 (open for the whole run)
         self.buf = torch.zeros(args.log_every, 4, device=device)
         self.tb = None
         if args.tensorboard:
@@ -477,7 +502,7 @@ def setup(args):
         if device.type == "cuda":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:  # bf16 pays on a CPU only where it has bf16 instructions (AVX512-BF16 or AMX)
-            cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+            cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
             amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
     print(f"seed: {args.seed}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -522,6 +547,9 @@ def train(args):
     if ck:
         for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
             net.load_state_dict(ck[key])
+        for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):  # the command line's learning rates win
+            for group in opt.param_groups:
+                group["lr"] = lr
         if m.ema is not None:
             m.ema.load_state_dict(ck.get("ema") or ck["generator"])
         m.scaler.load_state_dict(ck["scaler"])
@@ -533,7 +561,8 @@ def train(args):
     else:
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        save_grid(preprocess(next(batches.epoch(0))[:64], args), os.path.join(args.out, "samples", "real.png"))
+        first = itertools.islice(batches.epoch(0), -(-64 // args.batch_size))  # 64 images, whatever the batch size
+        save_grid(preprocess(torch.cat(list(first))[:64], args), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
     config = {k: v for k, v in vars(args).items() if k != "given"} | {
@@ -653,7 +682,7 @@ def summary(args):
             for i, layer in enumerate(net.eval().main):
                 x = layer(x)
                 n = sum(p.numel() for p in layer.parameters())
-                print(f"  {i:>2} {type(layer).__name__:<31}{str(tuple(x.shape[1:])):>20}{n:>14,}")
+                print(f"  {i:>2} {type(layer).__name__:<31}{tuple(x.shape[1:])!s:>20}{n:>14,}")
         print(f"  total parameters: {sum(p.numel() for p in net.parameters()):,}\n")
 
 
