@@ -427,6 +427,22 @@ def load_checkpoint(path):
     return ck
 
 
+def restore(m, ck, args, device):
+    """Put a checkpoint's weights, optimizer, scaler and RNG states back; returns (step, fixed_noise)."""
+    for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
+        net.load_state_dict(ck[key])
+    for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):  # the command line's learning rates win
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if m.ema is not None:
+        m.ema.load_state_dict(ck.get("ema") or ck["generator"])
+    m.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in ck:
+        torch.cuda.set_rng_state(ck["rng_cuda"])
+    return ck["step"], ck["fixed_noise"].to(device)
+
+
 def generator_from(ck, device):
     """The generator a checkpoint describes, with the EMA weights when it has them."""
     G = Generator(ck["args"]["nz"], ck["args"]["ngf"]).to(device)
@@ -438,7 +454,7 @@ class Log:
     """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps."""
 
     def __init__(self, args, device, step):
-        self.path, self.n, self.rows = os.path.join(args.out, "losses.csv"), 0, []
+        self.path, self.out, self.n, self.rows, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, [], step
         if os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
             with open(self.path, newline="") as f:
                 kept = [r for r in list(csv.reader(f))[1:] if len(r) >= 6 and r[0].isdigit() and int(r[0]) <= step]
@@ -460,13 +476,13 @@ class Log:
         self.n += 1
 
     def flush(self, step, epoch):
-        """Write the buffered rows; returns the first step whose losses are not finite, or None."""
-        values, self.n = self.buf[: self.n].tolist(), 0  # the one host-device sync per --log-every steps
+        """Write the buffered rows and return the last; stop the run at the first non-finite one."""
+        values, self.n = self.buf[: self.n].tolist(), 0
         first = step - len(values) + 1
         for i, v in enumerate(values):
             if not all(np.isfinite(v)):
                 self.file.flush()
-                return first + i
+                self.diverged(f"the losses at step {first + i}")
             self.rows.append(v)
             try:
                 self.file.write(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
@@ -476,7 +492,11 @@ class Log:
                 for name, x in zip(COLUMNS[2:], v):
                     self.tb.add_scalar(name, x, first + i)
         self.file.flush()
-        return None
+        return self.rows[-1]
+
+    def diverged(self, what):
+        die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
+            f"kept in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
 
     def epoch_means(self):
         means, self.rows = np.mean(self.rows, axis=0) if self.rows else [float("nan")] * 4, []
@@ -535,28 +555,25 @@ def prepare_run(args):
 def train(args):
     ck = prepare_run(args)
     device, amp = setup(args)
-    try:
+    created = not os.path.exists(args.out)
+    try:  # before the data, which may take long to prepare: an unwritable --out is refused at once
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     except OSError as e:
         die(f"cannot create --out {args.out}: {e.strerror}", 1)
-    batches = BatchSource(load_dataset(args), args, device)
+    try:
+        batches = BatchSource(load_dataset(args), args, device)
+    except SystemExit:  # no data: leave no empty run directory behind
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(args.out, "samples"))
+            if created:
+                os.rmdir(args.out)
+        raise
     m = build(args, device, amp)
     steps_per_epoch = len(batches)
     total = 1 if args.dry_run else min(args.max_steps or 1 << 62, args.epochs * steps_per_epoch)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if ck:
-        for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
-            net.load_state_dict(ck[key])
-        for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):  # the command line's learning rates win
-            for group in opt.param_groups:
-                group["lr"] = lr
-        if m.ema is not None:
-            m.ema.load_state_dict(ck.get("ema") or ck["generator"])
-        m.scaler.load_state_dict(ck["scaler"])
-        step, fixed_noise = ck["step"], ck["fixed_noise"].to(device)
-        torch.set_rng_state(ck["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ck:
-            torch.cuda.set_rng_state(ck["rng_cuda"])
+        step, fixed_noise = restore(m, ck, args, device)
         print(f"resume: step {step} (epoch {step // steps_per_epoch}) from {ckpt_path}")
     else:
         step = 0
@@ -572,7 +589,7 @@ def train(args):
                      "torchvision": torchvision.__version__, "numpy": np.__version__},
     }  # fmt: skip
     atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-    log, saved = Log(args, device, step), step
+    log = Log(args, device, step)
     if step >= total:
         print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
         return
@@ -591,29 +608,23 @@ def train(args):
             step += 1
             bar.update(args.batch_size)
             epoch_end, last = step % steps_per_epoch == 0, step >= total or bool(stop)
-            if log.n == args.log_every or epoch_end or last or (args.save_every and step % args.save_every == 0):
-                bad = log.flush(step, epoch + 1)
-                if bad:
-                    die(f"loss became NaN or infinite at step {bad}: training stopped. The last good checkpoint "
-                        f"(step {saved}) is kept in {ckpt_path}. Lower --lr-d/--lr-g or add --spectral-norm or "
-                        f"--clip-grad, then --resume.", 3)  # fmt: skip
-                r = log.rows[-1]
+            save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
+            if log.n == args.log_every or save:
+                r = log.flush(step, epoch + 1)  # the one host-device sync per --log-every steps
                 bar.set_postfix_str(f"loss_d {r[0]:.3f} loss_g {r[1]:.3f} D(x) {r[2]:.2f} D(G(z)) {r[3]:.2f}")
             if args.sample_every and step % args.sample_every == 0:
                 save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
-            if epoch_end or last or (args.save_every and step % args.save_every == 0):
-                weights = [p.detach() for p in (*m.G.parameters(), *m.D.parameters())]
-                if not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
-                    die(f"weights became NaN or infinite by step {step}: training stopped. The last good checkpoint "
-                        f"(step {saved}) is kept in {ckpt_path}.", 3)  # fmt: skip
             if epoch_end or last:
                 images = sample(m, fixed_noise)
                 save_grid(images, os.path.join(args.out, "samples", f"epoch_{epoch + 1:03d}.png"))
                 if log.tb:
                     log.tb.add_images("samples", to_uint8(images), step)
-            if epoch_end or last or (args.save_every and step % args.save_every == 0):
+            if save:
+                weights = [p.detach() for p in (*m.G.parameters(), *m.D.parameters())]
+                if not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
+                    log.diverged(f"weights at step {step}")
                 save_checkpoint(ckpt_path, m, step, steps_per_epoch, args, fixed_noise)
-                saved = step
+                log.saved = step
             if last:
                 break
         bar.close()
@@ -713,17 +724,9 @@ def benchmark(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    mode = next((f for f in (summary, benchmark, generate, interpolate) if getattr(args, f.__name__)), train)
     try:
-        if args.summary:
-            summary(args)
-        elif args.benchmark:
-            benchmark(args)
-        elif args.generate:
-            generate(args)
-        elif args.interpolate:
-            interpolate(args)
-        else:
-            train(args)
+        mode(args)
     except KeyboardInterrupt:  # before training started (data loading): nothing half-written to clean up
         print("interrupted", file=sys.stderr)
         sys.exit(130)
