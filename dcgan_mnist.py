@@ -538,6 +538,8 @@ def prepare_run(args):
             die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
         return None
     ck = load_checkpoint(path)
+    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # from a run killed in the middle of a write
+        leftover.unlink()
     diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
             for k in ARCH if k in args.given and ck["args"].get(k) != getattr(args, k)]  # fmt: skip
     if diff:
