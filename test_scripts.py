@@ -374,3 +374,274 @@ def test_mnist_learns_the_synthetic_digits(tmp_path):
     end_mean, end_dark = image_stats(sorted((tmp_path / "end" / "generated").glob("0*.png")))
     assert abs(end_mean - data_mean) <= 0.5 * abs(start_mean - data_mean), (start_mean, end_mean, data_mean)
     assert abs(end_dark - data_dark) < 0.2, (end_dark, data_dark)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# make_gif.py and plot_losses.py, on hand-made run directories and on a real one
+
+GRID_SIZE = 8  # images of 8x8 px -> 82x82 px grids
+HEADER = "step,epoch,loss_d,loss_g,d_real,d_fake"
+
+
+def helper_run(script, *args, cwd=ROOT):
+    """Run a helper script; the caller checks the exit code."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def cell_value(seed, i):
+    """The flat gray level of cell i in grid number seed: distinct per cell and per grid."""
+    return (37 * seed + 3 * i) % 200 + 40
+
+
+def grid(seed, mode="RGB", size=GRID_SIZE, rows=8):
+    """An 8-per-row grid whose cells are flat, distinct gray levels on a black border."""
+    arr = np.zeros((rows * (size + 2) + 2, 8 * (size + 2) + 2), np.uint8)
+    for i in range(8 * rows):
+        y, x = 2 + (i // 8) * (size + 2), 2 + (i % 8) * (size + 2)
+        arr[y : y + size, x : x + size] = cell_value(seed, i)
+    return Image.fromarray(arr).convert(mode)
+
+
+def make_run(root, epochs=3, mode="RGB", steps=()):
+    samples = root / "samples"
+    samples.mkdir(parents=True)
+    grid(99, mode).save(samples / "real.png")
+    for e in range(1, epochs + 1):
+        grid(e, mode).save(samples / f"epoch_{e:03d}.png")
+    for s in steps:
+        grid(s, mode).save(samples / f"step_{s:07d}.png")
+    return root
+
+
+def losses_csv(path, epochs=4, steps_per_epoch=25, extra="", tail=""):
+    rng = np.random.default_rng(0)
+    lines = [HEADER + extra]
+    for step in range(1, epochs * steps_per_epoch + 1):
+        d = rng.uniform(0.3, 0.7, 4)
+        row = f"{step},{(step - 1) // steps_per_epoch + 1},{d[0] * 2:.4f},{d[1] * 4:.4f},{d[2]:.4f},{d[3]:.4f}"
+        lines.append(row + (",0.0002,1.5" if extra else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + tail)
+    return path
+
+
+def gif_frames(path):
+    """[(size, duration ms, gray level of the first cell)] for each frame, and the loop count."""
+    with Image.open(path) as im:
+        frames = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            frames.append((im.size, im.info["duration"], im.convert("L").getpixel((3, 3))))
+        return frames, im.info.get("loop")
+
+
+def assert_clean_error(p, *words):
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    for word in words:
+        assert word in p.stderr
+
+
+# make_gif.py
+
+
+def test_gif_epochs_in_order_with_durations(tmp_path):
+    make_run(tmp_path / "r", epochs=3)
+    p = helper_run("make_gif.py", tmp_path / "r")
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "r" / "training.gif"
+    assert p.stdout.strip() == f"wrote {out}: 3 frames, 82x82"
+    frames, loop = gif_frames(out)
+    assert [f[0] for f in frames] == [(82, 82)] * 3
+    assert [f[1] for f in frames] == [500, 500, 2000]  # --fps 2, --hold-last 2 (real.png is not a frame)
+    assert [f[2] for f in frames] == [cell_value(e, 0) for e in (1, 2, 3)]
+    assert loop == 0
+
+
+def test_gif_fps_loop_many_frames_numeric_order(tmp_path):
+    run_dir = make_run(tmp_path / "r", epochs=0)
+    for e in (1, 2, 10, 30, 9, 100, 3) + tuple(range(11, 30)) + (4, 5, 6, 7, 8):
+        grid(e).save(run_dir / "samples" / f"epoch_{e}.png")  # unpadded numbers: numeric, not lexical order
+    p = helper_run("make_gif.py", run_dir, "--fps", 4, "--hold-last", 0, "--loop", 3)
+    assert p.returncode == 0, p.stderr
+    frames, loop = gif_frames(run_dir / "training.gif")
+    assert len(frames) == 31 and loop == 3
+    assert {f[1] for f in frames} == {250}
+    assert [f[2] for f in frames] == [cell_value(e, 0) for e in list(range(1, 31)) + [100]]
+
+
+def test_gif_one_frame(tmp_path):
+    make_run(tmp_path / "r", epochs=1)
+    p = helper_run("make_gif.py", tmp_path / "r", "--out", tmp_path / "one.gif")
+    assert p.returncode == 0, p.stderr
+    frames, _ = gif_frames(tmp_path / "one.gif")
+    assert len(frames) == 1 and frames[0][0] == (82, 82)
+
+
+def test_gif_gray_first_16(tmp_path):
+    make_run(tmp_path / "r", epochs=2, mode="L")
+    p = helper_run("make_gif.py", tmp_path / "r", "--first", 16)
+    assert p.returncode == 0, p.stderr
+    with Image.open(tmp_path / "r" / "training.gif") as im:
+        assert im.n_frames == 2 and im.size == (4 * (GRID_SIZE + 2) + 2,) * 2  # a 4x4 grid
+        im.seek(1)
+        gray = im.convert("L")
+    for i in range(16):  # cell i of the source lands at row i // 4, column i % 4
+        assert gray.getpixel((3 + (i % 4) * (GRID_SIZE + 2), 3 + (i // 4) * (GRID_SIZE + 2))) == cell_value(2, i)
+    assert gray.getpixel((1, 1)) == 0  # the padding keeps the border colour
+
+
+def test_gif_label_and_max_size(tmp_path):
+    make_run(tmp_path / "r", epochs=2, steps=(500, 1000))
+    plain = helper_run("make_gif.py", tmp_path / "r", "--out", tmp_path / "plain.gif")
+    labelled = helper_run("make_gif.py", tmp_path / "r", "--label", "--out", tmp_path / "label.gif")
+    small = helper_run("make_gif.py", tmp_path / "r", "--max-size", 41, "--out", tmp_path / "small.gif")
+    small_label = helper_run("make_gif.py", tmp_path / "r", "--max-size", 60, "--label", "--out", tmp_path / "sl.gif")
+    for p in (plain, labelled, small, small_label):
+        assert p.returncode == 0, p.stderr
+    with Image.open(tmp_path / "plain.gif") as a, Image.open(tmp_path / "label.gif") as b:
+        a, b = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+    band = b.shape[0] - a.shape[0]
+    assert b.shape[1] == a.shape[1] and band > 8  # a band above the grid...
+    assert b[:band].max() > 200  # ...with white text on it (quantised to the GIF palette)
+    assert np.array_equal(b[band:], a)  # the grid itself untouched
+    assert Image.open(tmp_path / "small.gif").size == (41, 41)
+    assert max(Image.open(tmp_path / "sl.gif").size) <= 60
+
+
+def test_gif_steps_and_glob_and_files(tmp_path):
+    samples = make_run(tmp_path / "r", epochs=3, steps=(500, 1000, 1500, 2000)) / "samples"
+    p = helper_run("make_gif.py", tmp_path / "r", "--steps")
+    assert p.returncode == 0, p.stderr
+    assert [f[2] for f in gif_frames(tmp_path / "r" / "training_steps.gif")[0]] == [
+        cell_value(s, 0) for s in (500, 1000, 1500, 2000)
+    ]
+    p = helper_run("make_gif.py", samples / "epoch_00[23].png", "--out", tmp_path / "glob.gif")  # pattern, not expanded
+    assert p.returncode == 0, p.stderr
+    assert [f[2] for f in gif_frames(tmp_path / "glob.gif")[0]] == [cell_value(2, 0), cell_value(3, 0)]
+    p = helper_run(
+        "make_gif.py", samples / "epoch_003.png", samples / "epoch_001.png"
+    )  # explicit files keep their order
+    assert p.returncode == 0, p.stderr
+    assert [f[2] for f in gif_frames(tmp_path / "r" / "training.gif")[0]] == [cell_value(3, 0), cell_value(1, 0)]
+
+
+def test_gif_mismatched_sizes(tmp_path):
+    run_dir = make_run(tmp_path / "r", epochs=3)
+    grid(4, size=GRID_SIZE + 2).save(run_dir / "samples" / "epoch_004.png")
+    p = helper_run("make_gif.py", run_dir)
+    assert_clean_error(p, "epoch_004.png", "98x98", "82x82")
+    assert not (run_dir / "training.gif").exists()
+
+
+def test_gif_no_samples_and_missing_input(tmp_path):
+    (tmp_path / "empty" / "samples").mkdir(parents=True)
+    assert_clean_error(helper_run("make_gif.py", tmp_path / "empty"), "no samples found", "epoch_*.png")
+    assert_clean_error(helper_run("make_gif.py", tmp_path / "nowhere"), "nowhere")
+
+
+def test_gif_mp4_without_ffmpeg(tmp_path):
+    try:
+        import imageio_ffmpeg  # noqa: F401
+
+        pytest.skip("imageio-ffmpeg is installed")
+    except ImportError:
+        pass
+    make_run(tmp_path / "r", epochs=2)
+    p = helper_run("make_gif.py", tmp_path / "r", "--out", tmp_path / "train.mp4")
+    assert_clean_error(p, "pip install imageio-ffmpeg")
+    assert not (tmp_path / "train.mp4").exists()
+
+
+# plot_losses.py
+
+
+def final_line(stdout, name):
+    return next(line for line in stdout.splitlines() if line.startswith(f"{name}: step"))
+
+
+def test_plot_single_run_size_and_summary(tmp_path):
+    losses_csv(tmp_path / "r" / "losses.csv")
+    p = helper_run("plot_losses.py", tmp_path / "r", "--dpi", 50, "--size", 6, 4)
+    assert p.returncode == 0, p.stderr
+    with Image.open(tmp_path / "r" / "losses.png") as im:
+        assert im.size == (300, 200)
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # something was drawn
+    words = final_line(p.stdout, str(tmp_path / "r")).split()
+    assert words[1:3] == ["step", "100"] and words[3::2] == ["loss_d", "loss_g", "d_real", "d_fake"]
+    assert 0.3 < float(words[8]) < 0.7  # smoothed d_real stays inside the range of its raw values
+
+
+def test_plot_two_runs_and_default_out(tmp_path):
+    a, b = losses_csv(tmp_path / "a" / "losses.csv"), losses_csv(tmp_path / "b" / "losses.csv", epochs=2)
+    p = helper_run("plot_losses.py", a.parent, b, cwd=tmp_path)  # several runs: losses.png in the current directory
+    assert p.returncode == 0, p.stderr
+    assert "step 100 " in final_line(p.stdout, str(a.parent)) and "step 50 " in final_line(p.stdout, str(b.parent))
+    assert Image.open(tmp_path / "losses.png").size == (1000, 700)
+
+
+def test_plot_header_only(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "losses.csv").write_text(HEADER + "\n")
+    assert_clean_error(helper_run("plot_losses.py", tmp_path / "empty"), "no rows yet")
+    losses_csv(tmp_path / "good" / "losses.csv")
+    p = helper_run("plot_losses.py", tmp_path / "empty", tmp_path / "good", "--out", tmp_path / "both.png")
+    assert p.returncode == 0 and "no rows yet" in p.stderr and "Traceback" not in p.stderr
+    assert len([line for line in p.stdout.splitlines() if ": step " in line]) == 1
+    assert (tmp_path / "both.png").exists()
+
+
+def test_plot_missing_file(tmp_path):
+    assert_clean_error(helper_run("plot_losses.py", tmp_path / "nowhere"), "nowhere")
+    assert_clean_error(helper_run("plot_losses.py", tmp_path / "nowhere.csv"), "nowhere.csv")
+
+
+@pytest.mark.parametrize("tail", ["101,5,0.5\n", "101,5,0.5,1.2,0.6,0.4"])  # missing columns / no newline: cut
+def test_plot_truncated_last_line(tmp_path, tail):
+    path = losses_csv(tmp_path / "r" / "losses.csv", tail=tail)
+    p = helper_run("plot_losses.py", path, "--out", tmp_path / "t.png")
+    assert p.returncode == 0, p.stderr
+    assert "warning" in p.stderr and "truncated last line 102" in p.stderr and "Traceback" not in p.stderr
+    assert "step 100 " in final_line(p.stdout, str(tmp_path / "r"))
+
+
+def test_plot_extra_columns_epoch_axis_log_no_smoothing(tmp_path):
+    path = losses_csv(tmp_path / "r" / "losses.csv", extra=",lr,grad_norm")
+    p = helper_run("plot_losses.py", path, "--x", "epoch", "--log", "--smooth", 0, "--out", tmp_path / "e.png")
+    assert p.returncode == 0, p.stderr
+    last_row = path.read_text().splitlines()[-1].split(",")
+    words = final_line(p.stdout, str(tmp_path / "r")).split()
+    assert [float(w) for w in words[4::2]] == pytest.approx([float(v) for v in last_row[2:6]], rel=1e-2)
+    assert Image.open(tmp_path / "e.png").size == (1000, 700)
+
+
+def test_plot_epoch_axis_and_smoothing_in_process():
+    sys.path.insert(0, str(ROOT))
+    import plot_losses
+
+    step = np.arange(1.0, 26.0)
+    epoch = np.repeat([1.0, 2.0, 3.0], [10, 10, 5])  # the last epoch is half done
+    x = plot_losses.epoch_x(step, epoch)
+    assert x[0] == pytest.approx(0.1) and x[9] == pytest.approx(1.0) and x[-1] == pytest.approx(2.5)
+    assert np.all(np.diff(x) > 0)
+    raw = np.array([1.0, 3.0, np.nan, 3.0])
+    assert plot_losses.ema(raw, 0) is raw
+    assert plot_losses.ema(raw, 0.9)[0] == 1.0 and plot_losses.ema(np.full(5, 2.0), 0.9) == pytest.approx(2.0)
+
+
+def test_helpers_on_a_real_run(tmp_path):
+    run("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / "run", "--epochs", 3, "--sample-every", 4))
+    p = helper_run("make_gif.py", tmp_path / "run", "--label", "--first", 16)
+    assert p.returncode == 0, p.stderr
+    gif = Image.open(tmp_path / "run" / "training.gif")
+    assert gif.n_frames == 3 and gif.size[0] == 4 * 28 + 10
+    assert helper_run("make_gif.py", tmp_path / "run", "--steps").returncode == 0
+    assert Image.open(tmp_path / "run" / "training_steps.gif").n_frames == len(
+        list((tmp_path / "run" / "samples").glob("step_*"))
+    )
+    p = helper_run("plot_losses.py", tmp_path / "run", "--dpi", 50)
+    assert p.returncode == 0, p.stderr
+    assert Image.open(tmp_path / "run" / "losses.png").size[0] > 100
+    assert f"step {len(rows(tmp_path / 'run'))} loss_d" in p.stdout
