@@ -336,9 +336,9 @@ def test_mnist_offline_download_fails_cleanly(tmp_path):
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     p = run("dcgan_mnist.py", "--data", tmp_path / "data", "--out", tmp_path / "run", ok=2, env=env)
     assert_one_line_error(p, "MNIST/raw", "train-images-idx3-ubyte.gz", "ossci-datasets")
-    p = run("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", ok=2, env=env)
+    p = run("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", cwd=tmp_path, ok=2, env=env)
     assert_one_line_error(p, "FashionMNIST/raw")
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs" / "fashion-mnist28").exists()
 
 
 def test_mnist_synthetic_is_deterministic_digits():
