@@ -580,8 +580,9 @@ def train(args):
     else:
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        first = itertools.islice(batches.epoch(0), -(-64 // args.batch_size))  # 64 images, whatever the batch size
-        save_grid(preprocess(torch.cat(list(first))[:64], args), os.path.join(args.out, "samples", "real.png"))
+        with contextlib.closing(batches.epoch(0)) as first:  # 64 images, whatever the batch size
+            real = torch.cat(list(itertools.islice(first, -(-64 // args.batch_size))))[:64]
+        save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
     config = {k: v for k, v in vars(args).items() if k != "given"} | {

@@ -28,10 +28,11 @@ COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
 CKPT_KEYS = ["generator", "discriminator", "opt_g", "opt_d", "step", "epoch", "args", "fixed_noise"]
 # per script: resolution, channels, and flags that make a run tiny and quick on a CPU
 SCRIPTS = {
-    "dcgan_mnist.py": (
-        28,
-        1,
-        ["--dataset", "synthetic", "--max-images", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8"],
+    "dcgan_mnist.py": (28, 1, "--dataset synthetic --max-images 256 --batch-size 32 --ngf 8 --ndf 8".split()),
+    "dcgan_celeba.py": (
+        32,
+        3,
+        "--dataset synthetic --size 32 --max-images 128 --batch-size 16 --ngf 8 --ndf 8 --amp off".split(),
     ),
 }
 slow = pytest.mark.slow
@@ -177,7 +178,7 @@ def test_generate_interpolate_summary_benchmark(script, tmp_path):
     import importlib
 
     module = importlib.import_module(script[:-3])  # importing a script has no side effects
-    G = module.Generator(100, 8)
+    G = module.generator_from(load(tmp_path / "run" / "checkpoint.pt"), "cpu")  # the same flags as the summary
     assert f"total parameters: {sum(q.numel() for q in G.parameters()):,}" in p.stdout
     assert "ConvTranspose2d" in p.stdout and "Discriminator" in p.stdout
     bench = tmp_path / "bench"
