@@ -1017,7 +1017,8 @@ def train(args):
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
         with contextlib.closing(batches.epoch(0)) as first:  # 64 images, whatever the batch size
-            real = torch.cat(list(itertools.islice(first, -(-64 // args.batch_size))))[:64]
+            real = torch.cat(list(itertools.islice(first, -(-64 // args.batch_size))))
+        real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
         save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
