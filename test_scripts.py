@@ -258,6 +258,30 @@ def test_tensorboard_is_optional(script, tmp_path):
         assert p.returncode == 2 and "pip install tensorboard" in p.stderr
 
 
+# what may differ between the scripts: resolution, data, layers (STYLE.md); with dcgan_hires.py also DDP
+MAY_DIFFER = {"parse_args", "load_dataset", "preprocess", "Generator", "Discriminator", "build", "generator_from",
+              "summary", "benchmark", "BatchSource"}  # fmt: skip
+MAY_DIFFER_DDP = MAY_DIFFER | {"setup", "train", "main", "Log"}
+
+
+def test_shared_helpers_are_identical_across_scripts():
+    import ast
+    import itertools
+
+    def definitions(script):
+        src = (ROOT / script).read_text()
+        return {n.name: ast.get_source_segment(src, n) for n in ast.parse(src).body if hasattr(n, "name")}
+
+    scripts = {s: definitions(s) for s in SCRIPTS}
+    shared = 0
+    for a, b in itertools.combinations(scripts, 2):
+        allowed = MAY_DIFFER_DDP if "dcgan_hires.py" in (a, b) else MAY_DIFFER
+        for name in sorted(set(scripts[a]) & set(scripts[b]) - allowed):
+            assert scripts[a][name] == scripts[b][name], f"{name} differs between {a} and {b}"
+            shared += 1
+    assert shared >= 20 * (len(scripts) - 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SPEC §5: errors and safety
 
