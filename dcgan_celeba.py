@@ -794,11 +794,11 @@ def atomic_write(path, write, sync=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as e:  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+    except BaseException as e:  # also Ctrl-C: no half-written temporary file stays behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
+        cause = e if isinstance(e, OSError) else e.__context__  # torch.save: a RuntimeError raised over the OSError
+        if not isinstance(cause, OSError) or not isinstance(e, Exception):
             raise
         die(f"could not write {path}: {cause.strerror or cause}. Files written before are intact.", 1)
 
@@ -914,20 +914,19 @@ class Log:
     def flush(self, step, epoch):
         """Write the buffered rows and return the last; stop the run at the first non-finite one."""
         values, self.n = self.buf[: self.n].tolist(), 0
-        first = step - len(values) + 1
-        for i, v in enumerate(values):
-            if not all(np.isfinite(v)):
-                self.file.flush()
-                self.diverged(f"the losses at step {first + i}")
-            self.rows.append(v)
-            try:
-                self.file.write(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
-            except OSError as e:
-                die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
-            if self.tb:
-                for name, x in zip(COLUMNS[2:], v):
-                    self.tb.add_scalar(name, x, first + i)
-        self.file.flush()
+        first, finite = step - len(values) + 1, list(itertools.takewhile(lambda v: all(np.isfinite(v)), values))
+        try:  # the disk write happens at flush(): both belong in the try
+            self.file.write("".join(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n"
+                                    for i, v in enumerate(finite)))  # fmt: skip
+            self.file.flush()
+        except OSError as e:
+            die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
+        for i, v in enumerate(finite if self.tb else []):
+            for name, x in zip(COLUMNS[2:], v):
+                self.tb.add_scalar(name, x, first + i)
+        self.rows += finite
+        if len(finite) < len(values):
+            self.diverged(f"the losses at step {first + len(finite)}")
         return self.rows[-1]
 
     def diverged(self, what):
@@ -1000,7 +999,7 @@ def train(args):
         die(f"cannot create --out {args.out}: {e.strerror}", 1)
     try:
         batches = BatchSource(load_dataset(args), args, device)
-    except SystemExit:  # no data: leave no empty run directory behind
+    except (SystemExit, KeyboardInterrupt):  # no data: leave no empty run directory behind
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(args.out, "samples"))
             if created:
