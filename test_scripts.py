@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -399,6 +401,336 @@ def test_unwritable_out_and_full_disk(script, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
     assert not list((tmp_path / "run").glob("*.tmp*"))
     run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 4)  # and the run goes on where it was
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fault injection (issue 6): kills at random moments, exact resumption, full disks, stale files
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fault injection: hard kills, signals before training, stale temporary files, clobbering, full disks (issue 6)
+
+FAULT_STEPS = 48  # length of the reference run every fault below is measured against (10 kills take about 20 steps)
+FAULT_EXACT = ["--deterministic", "--amp", "off", "--epochs", 1000]  # bit-exact on a CPU; --max-steps binds first
+
+
+def fault_slow_data(script):
+    """--max-images for about 2 s of loading synthetic data on a CPU: as many pixels as 40000 MNIST digits."""
+    return ["--max-images", 40000 * 28**2 // SCRIPTS[script][0] ** 2]
+
+
+def fault_popen(script, *args, stdout=subprocess.PIPE):
+    """Start a script in the background, unbuffered so that a file given as stdout shows how far it got. Its output
+    is small: pipes cannot fill up and block it."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=stdout, stderr=subprocess.PIPE)
+
+
+def fault_wait(proc, condition, timeout=180, poll=0.001):
+    """Poll until condition() holds (True) or the process ends first (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "timed out waiting for the script"
+        time.sleep(poll)
+    return True
+
+
+def fault_newer(path, t0):
+    """path was (re)written after t0 (time.time_ns()): the process started after t0 has got that far."""
+    try:
+        return path.stat().st_mtime_ns > t0
+    except FileNotFoundError:
+        return False
+
+
+def fault_trained(run_dir, t0, steps):
+    """The process started after t0 has written the row of step `steps` to losses.csv."""
+    return fault_newer(Path(run_dir) / "losses.csv", t0) and steps in fault_csv_steps(run_dir)
+
+
+def fault_csv_steps(run_dir):
+    """The step of every row of losses.csv, leniently: a row cut short by a kill still counts if its step is whole."""
+    path = Path(run_dir) / "losses.csv"
+    lines = path.read_text().splitlines()[1:] if path.exists() else []
+    return [int(line.split(",")[0]) for line in lines if line.split(",")[0].isdigit()]
+
+
+def fault_same_training_state(a, b):
+    """Two checkpoints hold the same weights, buffers, optimizer states and RNG state, bit for bit."""
+    assert a["step"] == b["step"]
+    for key in ("generator", "discriminator"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for key in ("opt_g", "opt_d"):
+        assert a[key]["state"].keys() == b[key]["state"].keys()
+        for i, state in a[key]["state"].items():
+            for name, value in state.items():
+                other = b[key]["state"][i][name]
+                assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (key, i, name)
+    assert torch.equal(a["rng_cpu"], b["rng_cpu"])
+    assert torch.equal(a["fixed_noise"], b["fixed_noise"])
+
+
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory):
+    """An uninterrupted, deterministic run of FAULT_STEPS steps per script, made once; copy it before changing it."""
+    made = {}
+
+    def get(script):
+        if script not in made:
+            out = tmp_path_factory.mktemp("fault_reference") / "run"
+            run(script, *tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS))
+            made[script] = out
+        return made[script]
+
+    return get
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_sigkill_at_ten_moments_then_resume_matches_an_uninterrupted_run(script, tmp_path, fault_reference):
+    """SIGKILL a run (--save-every 1: a checkpoint is written every step) at 10 moments, each start resuming the last
+    one's checkpoint: while loading data, as the first checkpoint appears, while a resume rewrites config.json and
+    losses.csv, during checkpoint writes, and 1 to 6 steps into training. After every kill the checkpoint loads and
+    the rows it covers are in losses.csv; after the last, --resume completes the run with the losses, weights,
+    optimizer states and sample grids of a run that was never interrupted, and leaves no temporary file behind."""
+    size, nc, _ = SCRIPTS[script]
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.pt"
+    rng = random.Random(6)
+    moments = ["loading", "checkpoint", "config"] + rng.sample(["write"] * 3 + ["delay"] * 4, 7)
+    step, report = 0, []
+    for i, moment in enumerate(moments):
+        fresh, started = not ckpt.exists(), time.monotonic()
+        if moment == "checkpoint" and not fresh:  # the kill while loading came late: that start left a checkpoint
+            moment = "config"
+        t0 = time.time_ns()
+        args = tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS, "--save-every", 1)
+        proc = fault_popen(script, *(args + ["--resume"] if not fresh else args))
+        if moment == "loading":  # --out is made just before the data is loaded
+            hit = fault_wait(proc, (out / "samples").is_dir)
+        elif moment == "checkpoint":  # step 0's checkpoint, written before config.json and losses.csv
+            hit = fault_wait(proc, ckpt.exists)
+        elif moment == "config":  # a resume rewrites config.json, then truncates losses.csv, then trains
+            hit = fault_wait(proc, partial(fault_newer, out / "config.json", t0))
+        elif moment == "write":  # this process's checkpoint temp file exists: torch.save or fsync in progress
+            tmp = out / f"checkpoint.pt.tmp{proc.pid}"
+            hit = fault_wait(proc, tmp.exists, poll=0.0002)
+        else:  # 1 to 6 steps into this process's training (its losses.csv rewritten), then up to 30 ms more
+            target = step + rng.randint(1, 6)
+            hit = fault_wait(proc, partial(fault_trained, out, t0, target), poll=0.002)
+            time.sleep(rng.uniform(0, 0.03))
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=60)
+        assert hit and proc.returncode == -signal.SIGKILL, (moment, proc.returncode, stdout, stderr)
+        left = sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp*"))
+        if ckpt.exists():
+            ck = load(ckpt)  # the previous checkpoint or the new one, never a torn one
+            assert ck["step"] >= step and {"generator", "discriminator", "opt_g", "opt_d"} <= ck.keys()
+            step = ck["step"]
+            assert fault_csv_steps(out)[:step] == list(range(1, step + 1))  # later rows are dropped on resume
+        else:  # killed before its first checkpoint: no run there yet, and a fresh start is accepted
+            assert not (out / "losses.csv").exists() and not (out / "config.json").exists()
+        report.append(f"kill {i} {moment}: checkpoint step {step if ckpt.exists() else None}, temp files left {left}, "
+                      f"{time.monotonic() - started:.1f} s")  # fmt: skip
+    print("\n".join(report))
+    assert step > 0
+    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS)
+    assert f"resume: step {step} " in p.stdout
+    assert not list(out.rglob("*.tmp*"))
+    ck = check_run(out, size, nc, steps=FAULT_STEPS)
+    ref = fault_reference(script)
+    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
+    fault_same_training_state(ck, load(ref / "checkpoint.pt"))
+    assert digest(out / "samples") == digest(ref / "samples")
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_sigterm_and_max_steps_interruptions_resume_bit_exact(script, tmp_path, fault_reference):
+    """--deterministic --amp off on a CPU: stopped by SIGTERM, resumed to a --max-steps in mid-epoch, resumed
+    to the end: the same losses.csv, byte for byte, and the same G, D, optimizer and RNG states as without a stop."""
+    size, nc, _ = SCRIPTS[script]
+    out = tmp_path / "run"
+    proc = fault_popen(script, *tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS))
+    assert fault_wait(proc, lambda: len(fault_csv_steps(out)) > 0)  # the first rows are out (an epoch end)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stdout, stderr)
+    assert "--resume" in stdout and "Traceback" not in stderr
+    stopped = load(out / "checkpoint.pt")["step"]
+    assert 0 < stopped < FAULT_STEPS - 4
+    middle = (stopped + FAULT_STEPS) // 2
+    middle += middle % json.loads((out / "config.json").read_text())["steps_per_epoch"] == 0  # stop mid-epoch
+    run(script, "--out", out, "--resume", "--max-steps", middle)
+    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS)
+    ck = check_run(out, size, nc, steps=FAULT_STEPS)
+    ref = fault_reference(script)
+    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
+    fault_same_training_state(ck, load(ref / "checkpoint.pt"))
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_sigint_before_training_exits_130_and_leaves_a_usable_run_or_none(script, tmp_path):
+    """Ctrl-C before the training loop: just as a first run's step-0 checkpoint appears, and while a resume loads its
+    data. Exit 130, no traceback; the run resumes, and the interrupted resume changed nothing in it. (Ctrl-C while a
+    first run loads its data: test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir.)"""
+    size, nc, _ = SCRIPTS[script]
+    out, ckpt, log = tmp_path / "run", tmp_path / "run" / "checkpoint.pt", tmp_path / "stdout.txt"
+
+    def interrupt(args, condition, delay=0.0):
+        with open(log, "w") as stdout:
+            proc = fault_popen(script, *args, stdout=stdout)
+            assert fault_wait(proc, condition)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, (proc.returncode, log.read_text(), stderr)
+        assert "Traceback" not in stderr, stderr
+        return stderr
+
+    def loading():  # setup() has printed the amp line: the data is being loaded, nothing has been written
+        return "amp: " in log.read_text()
+
+    # 1. a first run interrupted as its step-0 checkpoint appears leaves a run that loads
+    interrupt(tiny(script, out), ckpt.exists)
+    assert load(ckpt)["step"] >= 0
+    # 2. a resume interrupted while it loads its data changes nothing in the run (but removes stale temp files)
+    before = {k: v for k, v in digest(out).items() if ".tmp" not in k.name}
+    assert "interrupted" in interrupt(["--out", out, "--resume", *fault_slow_data(script)], loading, 0.1)
+    assert digest(out) == before
+    # 3. and the run goes on
+    step = load(ckpt)["step"]
+    run(script, "--out", out, "--resume", "--max-steps", step + 3)
+    check_run(out, size, nc, steps=step + 3)
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir(script, tmp_path):
+    """Ctrl-C while a first run loads its data: exit 130, "interrupted", no traceback, no file written, and, as when
+    the data set is missing, no empty run directory left behind."""
+    out, log = tmp_path / "run", tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = fault_popen(script, *tiny(script, out, *fault_slow_data(script)), stdout=stdout)
+        assert fault_wait(proc, lambda: "amp: " in log.read_text())
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, (proc.returncode, stderr)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # nothing written: a fresh start is not refused
+    assert not out.exists(), sorted(map(str, out.rglob("*")))
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_sigint_during_the_step_zero_checkpoint_write_leaves_no_temp_file(script, tmp_path):
+    """Ctrl-C while the step-0 checkpoint is written (made large with --nz 4000, so the write takes a while): exit
+    130, no traceback, and no half-written checkpoint.pt.tmp<pid> left in --out."""
+    out = tmp_path / "run"
+    proc = fault_popen(script, *tiny(script, out, "--nz", 4000))
+    tmp = out / f"checkpoint.pt.tmp{proc.pid}"
+    assert fault_wait(proc, tmp.exists, poll=0.0002)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    if (out / "checkpoint.pt").exists():
+        pytest.skip("the signal arrived after the checkpoint was written")
+    assert proc.returncode == 130 and "Traceback" not in stderr, (proc.returncode, stdout, stderr)
+    assert not list(out.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_resume_removes_stale_temp_files(script, tmp_path, fault_reference):
+    """A write killed half-way leaves <name>.tmp<pid>: --resume removes every one, and nothing else."""
+    size, nc, _ = SCRIPTS[script]
+    out = tmp_path / "run"
+    shutil.copytree(fault_reference(script), out)
+    half = (out / "checkpoint.pt").read_bytes()[:100_000]
+    stale = {
+        "checkpoint.pt.tmp4242": half,
+        "losses.csv.tmp4243": b"step,epoch,loss_d\n1,1,0.",
+        "config.json.tmp1": b'{"seed": ',
+        "samples/epoch_003.png.tmp99999": b"\x89PNG\r\n",
+        "samples/step_0000004.png.tmp17": b"",
+    }
+    for name, data in stale.items():
+        (out / name).write_bytes(data)
+    (out / "notes.tmp").write_text("the user's, not ours")
+    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 2)
+    assert not list(out.rglob("*.tmp[0-9]*"))
+    assert (out / "notes.tmp").read_text() == "the user's, not ours"
+    check_run(out, size, nc, steps=FAULT_STEPS + 2)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_finished_run_is_not_clobbered_by_a_new_run_or_by_generate(script, tmp_path, fault_reference):
+    """A new run into a finished run's --out is refused whatever its flags (other --epochs, --max-steps, --seed), and
+    --generate there writes only generated/: checkpoint, losses, config and samples stay byte for byte as they were."""
+    out = tmp_path / "run"
+    shutil.copytree(fault_reference(script), out)
+    before = digest(out)
+    p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
+    assert_one_line_error(p, "--resume", "--out", str(out))
+    assert digest(out) == before
+    run(script, "--out", out, "--generate", 5)
+    after = digest(out)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(map(str, set(after) - set(before))) == [f"generated/{i:06d}.png" for i in range(5)] + [
+        "generated/grid.png"
+    ]
+
+
+def fault_small_disk(limit):
+    """A preexec_fn: no file may grow past `limit` bytes, like a disk that fills up; writes fail with EFBIG."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_disk_full_during_a_sample_grid_write(script, tmp_path, fault_reference):
+    """The disk fills while the grid of the last step is written (after its losses.csv row, before its checkpoint):
+    exit 1 and one line, the grid's temp file removed, the previous checkpoint untouched; the run then resumes."""
+    size, nc, _ = SCRIPTS[script]
+    out = tmp_path / "run"
+    shutil.copytree(fault_reference(script), out)
+    good = (out / "checkpoint.pt").read_bytes()
+    limit = max((out / f).stat().st_size for f in ("losses.csv", "config.json")) + 1000  # a row or two to spare
+    smallest_grid = min(p.stat().st_size for p in (out / "samples").glob("epoch_*.png"))
+    assert limit < smallest_grid < len(good), (limit, smallest_grid, len(good))  # so the grid write is what fails
+    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 1, ok=1, preexec_fn=fault_small_disk(limit))
+    assert_one_line_error(p, "could not write", "samples", ".png", "intact")
+    assert (out / "checkpoint.pt").read_bytes() == good
+    assert not list(out.rglob("*.tmp*"))
+    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 3)
+    check_run(out, size, nc, steps=FAULT_STEPS + 3)
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fault_disk_full_during_the_losses_csv_append(script, tmp_path, fault_reference):
+    """The disk fills as the first row after a resume is appended to losses.csv (--log-every 1): exit 1 and one line,
+    the previous checkpoint untouched; the next resume drops the torn row and goes on without a gap."""
+    size, nc, _ = SCRIPTS[script]
+    out = tmp_path / "run"
+    shutil.copytree(fault_reference(script), out)
+    good = (out / "checkpoint.pt").read_bytes()
+    limit = (out / "losses.csv").stat().st_size + 10  # the resume's rewrite of losses.csv fits, the next row does not
+    assert (out / "config.json").stat().st_size < limit - 100
+    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 5, "--log-every", 1, ok=1,
+            preexec_fn=fault_small_disk(limit))  # fmt: skip
+    assert_one_line_error(p, "could not write", "losses.csv", "intact")
+    assert (out / "checkpoint.pt").read_bytes() == good
+    assert rows(out)[FAULT_STEPS - 1][0] == str(FAULT_STEPS)
+    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 3)
+    check_run(out, size, nc, steps=FAULT_STEPS + 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
