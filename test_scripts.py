@@ -83,8 +83,6 @@ SCRIPTS = {
         ],
     ),
 }
-if not (ROOT / "dcgan_hires.py").exists():  # TEMPORARY while dcgan_hires.py is being written
-    del SCRIPTS["dcgan_hires.py"]
 slow = pytest.mark.slow
 
 
@@ -308,7 +306,10 @@ def test_existing_run_is_never_clobbered(script, tmp_path):
 def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path):
     run(script, *tiny(script, tmp_path / "run", "--dry-run"))
     p = run(script, *tiny(script, tmp_path / "run", "--resume", "--nz", 50, "--ngf", 16), ok=2)
-    assert_one_line_error(p, "--nz 100 (checkpoint) vs 50", "--ngf 8 (checkpoint) vs 16")
+    flags = SCRIPTS[script][2]
+    assert_one_line_error(
+        p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16"
+    )
     p = run(script, "--out", tmp_path / "empty", "--resume", ok=2)
     assert_one_line_error(p, "no checkpoint at")
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
@@ -1528,3 +1529,203 @@ def test_celeba_learns_the_synthetic_faces(tmp_path):
     data = d.synthetic_faces(1024, 32).float().div(255).mean((0, 2, 3)).numpy()
     start, end = mean_colour("start"), mean_colour("end")
     assert np.abs(end - data).sum() <= 0.5 * np.abs(start - data).sum(), (start, end, data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dcgan_hires.py: torchrun, streaming from disk with bounded memory, 256x256, its defaults
+
+# ----------------------------------------------------------------------------------------------------------------
+# dcgan_hires.py: DDP under torchrun, the streaming cache, 256x256, its own defaults
+
+HIRES = "dcgan_hires.py"
+
+
+def torchrun(*args, nproc=2, ok=True, timeout=300):
+    """dcgan_hires.py under `torchrun --standalone --nproc_per_node 2` on the CPU (DDP over gloo), one thread per
+    process so that two of them share two cores."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / HIRES), *map(str, args)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    assert ok is not True or p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@slow
+def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_path):
+    """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process;
+    stopped mid-epoch (--max-steps) and resumed under torchrun, the run matches an uninterrupted one bit for bit."""
+    exact = ["--deterministic", "--log-every", 2]
+    p = torchrun(*tiny(HIRES, tmp_path / "a", "--epochs", 3, *exact))
+    assert p.stdout.count("seed: 0") == 1 and "ddp: 2 processes over gloo" in p.stdout and "Traceback" not in p.stderr
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["steps_per_epoch"] == 32 // (8 * 2)  # 4 in one process
+    ck = check_run(tmp_path / "a", 128, 3, steps=6)
+    assert ck["epoch"] == 3 and [int(r[1]) for r in rows(tmp_path / "a")] == [1, 1, 2, 2, 3, 3]
+    assert sorted(f.name for f in (tmp_path / "a" / "samples").iterdir()) == [
+        "epoch_001.png", "epoch_002.png", "epoch_003.png", "real.png"]  # fmt: skip
+    torchrun(*tiny(HIRES, tmp_path / "b", "--epochs", 3, "--max-steps", 3, *exact))
+    check_run(tmp_path / "b", 128, 3, steps=3)
+    before = digest(tmp_path / "b")
+    p = torchrun(*tiny(HIRES, tmp_path / "b", "--epochs", 3), ok=False)  # no --resume: every rank refuses
+    assert p.returncode != 0 and "add --resume to continue it" in p.stderr and digest(tmp_path / "b") == before
+    p = torchrun("--out", tmp_path / "b", "--resume")  # the other arguments come from the checkpoint
+    assert "resume: step 3 (epoch 1)" in p.stdout
+    check_run(tmp_path / "b", 128, 3, steps=6)
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    a, b = load(tmp_path / "a" / "checkpoint.pt"), load(tmp_path / "b" / "checkpoint.pt")
+    for net in ("generator", "discriminator", "ema"):
+        assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    run(HIRES, "--out", tmp_path / "b", "--generate", 2)  # a DDP checkpoint is a plain one
+    assert Image.open(tmp_path / "b" / "generated" / "000001.png").size == (128, 128)
+
+
+@slow
+def test_hires_torchrun_sigterm_stops_every_rank_after_the_same_step_and_resumes(tmp_path):
+    """SIGTERM to torchrun, which passes it on to both ranks: they agree on a step, rank 0 saves, both exit 143."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / HIRES),
+           *map(str, tiny(HIRES, tmp_path / "run", "--epochs", 10000, "--log-every", 5))]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    csv_path, deadline = tmp_path / "run" / "losses.csv", time.time() + 120
+    while time.time() < deadline and not (csv_path.exists() and len(rows(tmp_path / "run")) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
+    ck = check_run(tmp_path / "run", 128, 3)
+    step = int(re.search(r"stopped after step (\d+)", out).group(1))
+    assert ck["step"] == step >= 5
+    p = torchrun("--out", tmp_path / "run", "--resume", "--max-steps", step + 2)
+    assert f"resume: step {step} " in p.stdout
+    check_run(tmp_path / "run", 128, 3, steps=step + 2)
+
+
+@slow
+def test_hires_torchrun_refusals_are_clean(tmp_path):
+    run(HIRES, *tiny(HIRES, tmp_path / "run", "--dry-run"))
+    p = torchrun("--out", tmp_path / "run", "--generate", 1, ok=False)
+    assert p.returncode != 0 and "runs in one process" in p.stderr
+    p = torchrun(*tiny(HIRES, tmp_path / "sync", "--dry-run", "--sync-bn"), ok=False)
+    assert p.returncode != 0 and "--sync-bn needs CUDA GPUs" in p.stderr and not (tmp_path / "sync").exists()
+
+
+def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path):
+    """Every rank draws the same permutation; at each step the ranks' batches together are the one-process batch of
+    world x batch_size images, from RAM or streamed from the file; a resume mid-epoch is exact per rank."""
+    import dcgan_hires as h
+
+    data = torch.zeros(203, 3, 2, 2, dtype=torch.uint8)
+    data[:, 0, 0, 0], data[:, 0, 0, 1] = torch.arange(203) % 256, torch.arange(203) // 256  # each row its number
+    np.save(tmp_path / "data.npy", data.numpy())
+    mm = np.load(tmp_path / "data.npy", mmap_mode="r")
+
+    def args(batch_size, memory=None):
+        return SimpleNamespace(batch_size=batch_size, seed=5, data_memory=memory)
+
+    whole = h.BatchSource(mm, args(20), "cpu")
+    ranks = [h.BatchSource(mm, args(5, memory), "cpu", rank, 4) for rank in range(4) for memory in (None, 0)]
+    assert len(whole) == 10 and all(len(r) == 10 for r in ranks) and ranks[1].file and not ranks[0].file
+    for epoch in (0, 3):
+        for step, (batch, *parts) in enumerate(zip(whole.epoch(epoch), *(r.epoch(epoch) for r in ranks))):
+            assert torch.equal(torch.cat(parts[::2]), batch) and torch.equal(torch.cat(parts[1::2]), batch), step
+        for r in ranks:
+            assert all(
+                torch.equal(x, y) for x, y in zip(list(r.epoch(epoch))[7:], r.epoch(epoch, start=7), strict=True)
+            )
+
+
+def training_memory_mb(*args):
+    """Run dcgan_hires.py; -> (its output, its peak resident memory while it trains, in MB): the peak of VmRSS from
+    the moment it prints "training:" on. Not the peak over the whole run (ru_maxrss, VmHWM), which importing torch,
+    torchvision and the CUDA libraries sets, at about 800 MB here, whatever happens next."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / HIRES), *map(str, args)], cwd=ROOT, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    lines, training = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("training:"):
+                training.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    rss = []
+    while proc.poll() is None:
+        if training.is_set():
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                rss.append(int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024)
+            except (OSError, AttributeError):  # the process ended between poll() and here
+                pass
+        time.sleep(0.01)
+    reader.join()
+    out = "".join(lines)
+    assert proc.returncode == 0 and "Traceback" not in out and len(rss) > 10, out
+    return out, max(rss)
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
+def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(tmp_path):
+    """--data-memory 0: batches are read from the cache file by a background thread into a few fresh buffers, not
+    through a memory map whose pages would stay resident: a whole epoch over an 8x larger cache (+164 MB) takes
+    no more memory than one over the small cache (measured here: -25 and -18 MB; +116 MB when the batches are
+    gathered through the memory map instead)."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 128, dtype=np.float32)
+    for name, n in (("small", 500), ("large", 4000)):
+        (tmp_path / name).mkdir()
+        for i in range(n):  # smooth colour ramps: small JPEGs, quick to write and to decode
+            c = rng.random((2, 3), dtype=np.float32) * 255
+            img = c[0] + (c[1] - c[0]) * (ramp[:, None, None] * ramp[None, :, None])
+            Image.fromarray(img.astype(np.uint8)).save(tmp_path / name / f"{i:05d}.jpg", quality=90)
+    flags = ["--size", 128, "--batch-size", 25, "--ngf", 1, "--ndf", 1, "--amp", "off", "--workers", 2, "--ema", 0,
+             "--log-every", 10, "--epochs", 1, "--data-memory", 0]  # fmt: skip
+    peak = {}
+    for name, steps in (("small", 20), ("large", 160)):  # one epoch each
+        text, peak[name] = training_memory_mb("--data", tmp_path / name, *flags, "--out", tmp_path / f"{name}-run")
+        assert f"epoch 1/1  step {steps} " in text and "at most 4 batches of 1.2 MB in memory" in text, text
+    cache = {n: sum(f.stat().st_size for f in tmp_path.glob(f"{n}.128px.*.u8.npy")) / 2**20 for n in peak}
+    print(f"\ncaches {cache} MB; peak resident memory while training an epoch over them {peak} MB")
+    assert cache["large"] - cache["small"] > 160
+    assert peak["large"] - peak["small"] < 0.3 * (cache["large"] - cache["small"]), (peak, cache)
+
+
+def test_hires_256_model_is_under_50m_parameters_and_trains(tmp_path):
+    p = run(HIRES, "--size", 256, "--summary")  # default widths: ngf = ndf = 64, capped at 8x
+    totals = [int(t.replace(",", "")) for t in re.findall(r"total parameters: ([\d,]+)", p.stdout)]
+    assert len(totals) == 2 and sum(totals) < 50e6, totals
+    assert "(512, 4, 4)" in p.stdout and "(3, 256, 256)" in p.stdout
+    flags = ["--dataset", "synthetic", "--size", 256, "--max-images", 8, "--batch-size", 4, "--ngf", 4, "--ndf", 4,
+             "--amp", "off"]  # fmt: skip
+    run(HIRES, *flags, "--dry-run", "--out", tmp_path / "run")
+    check_run(tmp_path / "run", 256, 3, steps=1)
+    run(HIRES, "--out", tmp_path / "run", "--generate", 2)
+    assert Image.open(tmp_path / "run" / "generated" / "000000.png").size == (256, 256)
+
+
+def test_hires_defaults_differ_from_celeba_and_each_turns_off(tmp_path):
+    help_text = " ".join(run(HIRES, "--help").stdout.split())
+    assert "--spectral-norm, --no-spectral-norm" in help_text and "BatchNorm (default: True)" in help_text
+    size, nc, flags = SCRIPTS[HIRES]
+    run(HIRES, *flags, "--dry-run", "--out", tmp_path / "on")
+    config = json.loads((tmp_path / "on" / "config.json").read_text())
+    assert (config["spectral_norm"], config["label_smoothing"], config["ema"]) == (True, 0.1, 0.999)
+    assert config["batch_size"] == 8 and config["size"] == 128 and config["world_size"] == 1
+    ck = check_run(tmp_path / "on", size, nc, steps=1)
+    assert "ema" in ck and any("parametrizations" in k for k in ck["discriminator"])
+    off = ["--no-spectral-norm", "--label-smoothing", 0, "--ema", 0]
+    run(HIRES, *tiny(HIRES, tmp_path / "off", "--dry-run", *off))
+    config = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert (config["spectral_norm"], config["label_smoothing"], config["ema"]) == (False, 0.0, 0.0)
+    ck = check_run(tmp_path / "off", size, nc, steps=1)
+    assert "ema" not in ck and not any("parametrizations" in k for k in ck["discriminator"])
+    assert any("running_mean" in k for k in ck["discriminator"])  # BatchNorm in D, as in the paper
+    p = run(HIRES, "--out", tmp_path / "off", "--resume", "--spectral-norm", ok=2)
+    assert_one_line_error(p, "--spectral-norm False (checkpoint) vs True")
+    p = run(HIRES, "--dataset", "celeba-hq", "--data", tmp_path / "nothing", "--out", tmp_path / "hq", ok=2)
+    assert_one_line_error(p, "no images", "CelebA-HQ", "--download cannot fetch them")
+    assert not (tmp_path / "hq").exists()

@@ -1,0 +1,1279 @@
+"""DCGAN at 128x128 or 256x256: CelebA, CelebA-HQ, any folder or zip of images, synthetic faces; multi-GPU, torchrun.
+
+The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) grown by one stride-2 stage per
+doubling of the resolution, in G and in D, with the widths capped at 8 x --ngf/--ndf (23M parameters in all at 256).
+Plain DCGAN is fragile at these sizes, so four defaults differ from dcgan_celeba.py, each a flag that turns it off:
+spectral norm in D instead of BatchNorm (--no-spectral-norm; Miyato et al. 2018), one-sided label smoothing 0.1
+(--label-smoothing 0; Salimans et al. 2016), an EMA of G's weights for every sample and image (--ema 0; Yazici et
+al. 2019), and batch 64 per process. bf16 autocast on GPUs is the default as in every script (--amp off).
+Images are decoded once into a uint8 cache on disk; batches come from it on the GPU when it fits, else from RAM,
+else streamed from the file by a background thread, so that host memory stays a few batches whatever the data size.
+
+Train:
+    python dcgan_hires.py --data ~/data/img_align_celeba.zip                        # CelebA 128 -> runs/celeba128
+    python dcgan_hires.py --dataset celeba-hq --data ~/data/celeba_hq --size 256    # -> runs/celeba-hq256
+On all GPUs of one machine (DistributedDataParallel, one process per GPU; --batch-size is per process):
+    torchrun --standalone --nproc_per_node 8 dcgan_hires.py --dataset celeba-hq --data ~/data/celeba_hq --size 256
+On two machines of 8 GPUs: the same command on both, NODE_RANK 0 on the one named HOST0, 1 on the other:
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \\
+        dcgan_hires.py --dataset celeba-hq --data ~/data/celeba_hq --size 256
+CPU smoke tests, no download, no GPU (the second: 2 processes, DDP over gloo):
+    python dcgan_hires.py --dataset synthetic --dry-run --out /tmp/smoke
+    torchrun --standalone --nproc_per_node 2 dcgan_hires.py --dataset synthetic --ngf 8 --ndf 8 --out /tmp/ddp
+Continue a run to 20 epochs in total (under torchrun too), sample from it, walk its latent space:
+    python dcgan_hires.py --epochs 20 --resume
+    python dcgan_hires.py --generate 1000
+    python dcgan_hires.py --interpolate 16
+Inspect and measure:
+    python dcgan_hires.py --summary --size 256
+    python dcgan_hires.py --benchmark 20 --size 256
+"""
+
+import argparse
+import contextlib
+import copy
+import csv
+import datetime
+import functools
+import glob
+import hashlib
+import io
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import warnings
+import zipfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import parametrize
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+SCRIPT = "dcgan_hires.py"
+DATASETS = ("celeba", "celeba-hq", "synthetic")
+SIZES = (128, 256)
+NC, MAX_MULT = 3, 8  # RGB; widest layer ngf*8 / ndf*8: 23M parameters in all at 256 (cap 16: 58M; none: 93M)
+# torchrun's environment switches DDP on; a plain `python dcgan_hires.py` is rank 0 of 1
+RANK = int(os.environ.get("RANK", "0"))  # this process among all
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process on its machine: the GPU it drives
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # processes in all
+ARCH = ("nz", "ngf", "ndf", "size", "spectral_norm")  # arguments that shape the weights: --resume must keep them
+NOT_INHERITED = (
+    "out",
+    "resume",
+    "max_steps",
+    "dry_run",
+    "generate",
+    "checkpoint",
+    "interpolate",
+    "summary",
+    "benchmark",
+)
+COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
+
+
+def number(kind, lo=None, hi=None):
+    """An argparse type: kind(text), checked against [lo, hi)."""
+
+    def parse(text):
+        value = kind(text)
+        if (lo is not None and value < lo) or (hi is not None and value >= hi):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi if hi is not None else 'inf'})")
+        return value
+
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--dataset", default="celeba", choices=DATASETS, help="celeba, celeba-hq: any folder/zip of images")
+    p.add_argument("--data", default=None, help="folder or .zip of images, or torchvision CelebA root "
+                   "(default ./data/<dataset>)")  # fmt: skip
+    p.add_argument("--size", type=int, default=128, choices=SIZES, help="image size")
+    p.add_argument("--crop", type=number(int, 1), default=None, help="centre crop of N pixels before resizing")
+    p.add_argument("--out", default=None, help="run directory (default runs/<dataset><size>)")
+    p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images only")
+    p.add_argument("--download", action="store_true", help="celeba: try torchvision's download if --data is empty")
+    p.add_argument("--cache-dir", default=None, help="where the uint8 cache goes (default: beside --data)")
+    p.add_argument("--workers", type=number(int, 1), default=os.cpu_count(), help="processes decoding the images")
+    p.add_argument("--data-memory", type=number(float, 0), default=None, help="GB the data set may take on the "
+                   "GPU/in RAM per process, 0: stream it from the cache file (default: 40%% of free GPU memory / 25%% "
+                   "of free RAM shared by the processes of a machine)")  # fmt: skip
+    p.add_argument("--epochs", type=number(int, 1), default=10, help="total epochs of the run (also with --resume)")
+    p.add_argument("--max-steps", type=number(int, 1), default=None, help="stop after N optimisation steps in total")
+    p.add_argument("--dry-run", action="store_true", help="one step, all artifacts written; a smoke test")
+    p.add_argument("--batch-size", type=number(int, 2), default=64, help="images per step and process")
+    p.add_argument("--nz", type=number(int, 1), default=100, help="size of the latent vector z")
+    p.add_argument("--ngf", type=number(int, 1), default=64, help="width of the generator")
+    p.add_argument("--ndf", type=number(int, 1), default=64, help="width of the discriminator")
+    p.add_argument("--lr-g", type=number(float, 0), default=2e-4, help="generator learning rate")
+    p.add_argument("--lr-d", type=number(float, 0), default=2e-4, help="discriminator learning rate (TTUR if != lr-g)")
+    p.add_argument("--beta1", type=number(float, 0, 1), default=0.5, help="Adam beta1 (0.5 as in the paper)")
+    p.add_argument("--beta2", type=number(float, 0, 1), default=0.999, help="Adam beta2")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; same seed + device = same run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower; exact reruns)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm over the global batch")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    mode.add_argument("--generate", type=number(int, 1), metavar="N", help="write N images from --checkpoint")
+    mode.add_argument("--interpolate", type=number(int, 2), metavar="K", help="latent walk, K frames per segment")
+    mode.add_argument("--summary", action="store_true", help="print both networks layer by layer and exit")
+    mode.add_argument("--benchmark", type=number(int, 1), metavar="N", help="time N training steps, no data/files")
+    p.add_argument("--checkpoint", default=None, help="for --generate/--interpolate (default <out>/checkpoint.pt)")
+    p.add_argument("--sample-every", type=number(int, 0), default=0, help="extra fixed-noise grid every N steps")
+    p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
+    p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
+    tricks = p.add_argument_group("training tricks (spectral norm, label smoothing and EMA on by default)")
+    tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="real target 1-S")
+    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D inputs, to 0")
+    tricks.add_argument("--g-steps", type=number(int, 1), default=1, help="G updates per D update")
+    tricks.add_argument("--d-optim", default="adam", choices=["adam", "sgd"], help="D optimizer (sgd: momentum 0.9)")
+    tricks.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="spectral norm on D's convolutions, in place of its BatchNorm")  # fmt: skip
+    tricks.add_argument("--d-dropout", type=number(float, 0, 1), default=0.0, help="spatial dropout in D")
+    tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
+    tricks.add_argument("--ema", type=number(float, 0, 1), default=0.999, help="EMA decay of G's weights (0: off)")
+    tricks.add_argument("--flip", action="store_true", help="random horizontal flip of real images")
+    args = p.parse_args(argv)
+    args.data = args.data or os.path.join("./data", args.dataset)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
+    # the flags typed on the command line: with --resume, every other argument comes from the checkpoint
+    typed = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
+    args.given = sorted(a.dest for a in p._actions if set(a.option_strings) & set(typed))
+    return args
+
+
+def die(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: images decoded once into a uint8 cache; batches gathered from it, on the GPU when it fits
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CACHE_VERSION = 1  # part of every cache fingerprint: bump it when decoding changes, and old caches are rebuilt
+HOW_TO_GET = {
+    "celeba": "get img_align_celeba.zip from Kaggle (jessicali9530/celeba-dataset) or the official Google Drive "
+    "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) and put the zip, or the folder it unpacks to, at --data; "
+    "or pass --download",
+    "celeba-hq": "get the CelebA-HQ images (e.g. Kaggle lamsimon/celebahq) and put the folder or zip at --data "
+    "(--download cannot fetch them)",
+}
+
+
+def show(path):
+    """A path as the user would type it: relative to the working directory when below it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def is_image(name):
+    base = name.rsplit("/", 1)[-1]
+    return base.lower().endswith(IMAGE_EXTS) and not base.startswith(".") and "__MACOSX/" not in name
+
+
+def find_images(path):
+    """--data -> (source, entries): a folder or zip, and its images as sorted (name, size, mtime or CRC) tuples.
+    A folder holding no image but exactly one zip (a torchvision CelebA root before unpacking) means that zip."""
+    if os.path.isfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return path, sorted((i.filename, i.file_size, i.CRC) for i in zf.infolist() if is_image(i.filename))
+        except (zipfile.BadZipFile, OSError) as e:
+            die(f"{path} is not a readable zip file ({e}); --data takes a folder of images or a .zip of them")
+    entries, zips = [], []
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
+        for f in files:
+            full = os.path.join(folder, f)
+            if is_image(f):
+                st = os.stat(full) if os.path.exists(full) else os.stat_result((0,) * 10)  # broken link: fails later
+                entries.append((os.path.relpath(full, path).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+            elif f.lower().endswith(".zip") and not f.startswith("."):
+                zips.append(full)
+    if not entries and len(zips) == 1:
+        return find_images(zips[0])
+    if not entries and zips:
+        die(f"{path} holds no images but several zips ({', '.join(map(show, zips))}); pass one of them with --data")
+    return path, sorted(entries)
+
+
+def decode_image(fp, size, crop=None):
+    """One image (path or file object) -> uint8 (3, size, size), RGB: the centred square (of `crop` original pixels
+    when given) resized with antialiasing, which is the same as: shorter side to `size`, then centre crop."""
+    with Image.open(fp) as img:
+        w, h = img.size
+        side = min(w, h, crop or w)
+        scale = 1
+        while scale < 8 and side // (scale * 2) >= size:
+            scale *= 2
+        # JPEG (a no-op for other formats): libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, most of the
+        # decoding speed-up; draft returns the original image's box in the reduced coordinates
+        drafted = img.draft("RGB", (w // scale, h // scale)) if scale > 1 else None
+        s = drafted[1][2] / w if drafted else 1.0
+        x0, y0, side = (w - side) / 2 * s, (h - side) / 2 * s, side * s
+        if img.mode.startswith("I"):  # 16/32-bit gray: scale, where convert() would clip at 255
+            img = Image.fromarray((np.asarray(img, np.float32) / 257).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # composite on white, not on black
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, (x0, y0, x0 + side, y0 + side), 3.0)
+        return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+
+
+_worker = {}  # per-process decoding state: the open zip is reused for every image of the worker
+
+
+def init_worker(source, size, crop, in_pool=True):
+    if in_pool:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool, removes the temp
+    _worker.update(source=source, size=size, crop=crop, zip=zipfile.ZipFile(source) if os.path.isfile(source) else None)
+
+
+def decode_chunk(names):
+    """-> (uint8 (k, 3, S, S) of the readable images among names, the names that could not be read)."""
+    rows, bad, zf = [], [], _worker["zip"]
+    for name in names:
+        try:
+            fp = io.BytesIO(zf.read(name)) if zf else os.path.join(_worker["source"], name)
+            rows.append(decode_image(fp, _worker["size"], _worker["crop"]))
+        except Exception:  # noqa: BLE001 -- OSError, SyntaxError, ValueError, DecompressionBombError...: unreadable
+            bad.append(name)
+    return np.stack(rows) if rows else np.empty((0, 3, _worker["size"], _worker["size"]), np.uint8), bad
+
+
+def remove(*paths):
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def read_meta(path):
+    try:
+        with open(path + ".json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def open_cache(path):
+    """(read-only memmap, None) if `path` has the shape and CRC-32 recorded when it was built, else (None, why not).
+    CRC-32 over the whole file: 0.26 s per GB on one core (BLAKE2b: 1.2 s), plus reading it from disk."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        meta, data, crc = read_meta(path), np.load(path, mmap_mode="r"), 0
+        if list(data.shape) != meta.get("shape") or os.path.getsize(path) != data.offset + data.nbytes:
+            return None, "its size is not the one recorded"
+        with open(path, "rb") as f, tqdm(total=data.nbytes, unit="B", unit_scale=True, desc="checking cache",
+                                         disable=None, leave=False) as bar:  # fmt: skip
+            f.seek(data.offset)
+            while chunk := f.read(16 << 20):
+                crc = zlib.crc32(chunk, crc)
+                bar.update(len(chunk))
+        return (data, None) if crc == meta["crc32"] else (None, "its checksum is not the one recorded")
+    except Exception as e:  # noqa: BLE001 -- a damaged header, a missing sidecar...: rebuild
+        return None, f"{type(e).__name__}: {e}"
+
+
+def build_cache(source, names, path, size, crop, workers):
+    """Decode every image, in parallel, into `path`.tmp-PID, renamed to `path` only when complete (with its JSON
+    sidecar: shape, CRC-32, skipped files), so an interrupted build never leaves a cache that looks usable."""
+    tmp, n, bad, crc, pool = f"{path}.tmp-{os.getpid()}", 0, [], 0, None
+    chunk = max(4, 2**18 // size**2)  # images per task: ~0.8 MB of results, a progress bar that moves
+    tasks = [names[i : i + chunk] for i in range(0, len(names), chunk)]
+    workers = min(workers or 1, len(tasks))
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(names), 3, size, size))
+        if hasattr(os, "posix_fallocate"):  # running out of disk while writing through a memory map is a SIGBUS crash
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, arr.offset + arr.nbytes)
+        if workers > 1:  # fork: no re-import of torch per worker (DataLoader's choice on Linux)
+            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            # not multiprocessing.Pool, whose imap hangs forever when a worker is killed (OOM) or raises
+            # KeyboardInterrupt; the executor raises that in the parent
+            pool = ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(source, size, crop))
+            results = pool.map(decode_chunk, tasks)  # in order
+        else:
+            init_worker(source, size, crop, in_pool=False)
+            results = map(decode_chunk, tasks)
+        with tqdm(total=len(names), unit="img", desc=f"caching {size}px", disable=None) as bar:
+            for rows, failed in results:  # unreadable images leave no gap: rows are the first n
+                arr[n : n + len(rows)] = rows
+                crc, n, bad = zlib.crc32(rows, crc), n + len(rows), bad + failed
+                bar.update(len(rows) + len(failed))
+        arr.flush()
+        offset = arr.offset
+        del arr
+        if n == 0:
+            die(f"none of the {len(names)} image files in {show(source)} could be read (first: {names[0]})")
+        if n < len(names):  # fewer rows: rewrite the header at the same length, so that the data need not move
+            header = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {(n, 3, size, size)!r}, }}"
+            with open(tmp, "r+b") as f:
+                f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", offset - 10) + header.ljust(offset - 11).encode())
+                f.truncate(offset + n * 3 * size * size)
+        with open(tmp + ".json", "w") as f:
+            json.dump({"shape": [n, 3, size, size], "crc32": crc, "source": os.path.abspath(source),
+                       "skipped": len(bad), "skipped_names": bad[:5]}, f)  # fmt: skip
+        os.replace(tmp + ".json", path + ".json")
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C, disk full, a worker's error, die() above
+        remove(tmp, tmp + ".json")
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def cache_folder(args):
+    """--cache-dir, else the folder holding --data; when that is not writable, ~/.cache/dcgan."""
+    folder = args.cache_dir or os.path.dirname(os.path.abspath(args.data))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    fallback = os.path.join(os.path.expanduser("~"), ".cache", "dcgan")
+    print(f"note: {show(folder)} is not writable, caching the decoded images in {fallback} (see --cache-dir)")
+    os.makedirs(fallback, exist_ok=True)
+    return fallback
+
+
+def load_image_folder(args):
+    """A folder or zip of images -> read-only memmap (N, 3, S, S) of its uint8 cache, (re)built when missing, damaged
+    or stale. The cache's name holds the source, size, crop, max-images and a fingerprint of the source's files."""
+    source, entries = find_images(args.data)
+    if not entries and args.download and args.dataset == "celeba":
+        try:
+            socket.setdefaulttimeout(30)  # behind a firewall: fail in 30 s rather than hang
+            torchvision.datasets.CelebA(args.data, split="all", download=True)
+        except Exception as e:  # noqa: BLE001 -- offline, Google Drive quota exceeded, gdown missing...
+            die(f"could not download CelebA into {args.data} ({type(e).__name__}: {e}); {HOW_TO_GET['celeba']}")
+        source, entries = find_images(args.data)
+    if not entries:
+        where = show(args.data) + ("" if os.path.exists(args.data) else ", which does not exist")
+        how = HOW_TO_GET.get(args.dataset, "put a folder or .zip of images at --data")
+        die(f"no images ({' '.join(IMAGE_EXTS)}, in folders or a .zip) found at {where}; {how}")
+    entries = entries[: args.max_images]
+    fingerprint = hashlib.blake2b(repr((CACHE_VERSION, args.size, args.crop, entries)).encode(), digest_size=4)
+    stem = os.path.join(cache_folder(args), os.path.basename(os.path.abspath(args.data)).removesuffix(".zip"))
+    stem += f".{args.size}px" + (f".crop{args.crop}" if args.crop else "")
+    stem += f".max{args.max_images}" if args.max_images else ""
+    path = f"{stem}.{fingerprint.hexdigest()}.u8.npy"
+    for tmp in glob.glob(glob.escape(stem) + ".*.tmp-*"):  # left by a build that crashed or was killed
+        pid = tmp.rsplit("-", 1)[1].removesuffix(".json")
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            remove(tmp)
+    data, damaged = open_cache(path)
+    status = "reused"
+    if data is None:
+        t0 = time.perf_counter()
+        build_cache(source, [e[0] for e in entries], path, args.size, args.crop, args.workers)
+        dt = time.perf_counter() - t0
+        status = f"{'rebuilt, the old one was damaged: ' + damaged if damaged else 'built'} in {dt:.1f} s, "
+        status += f"{len(entries) / dt:.0f} images/s"
+        data = np.load(path, mmap_mode="r")
+        for old in glob.glob(glob.escape(stem) + "." + "[0-9a-f]" * 8 + ".u8.npy"):  # this source before it changed
+            if old != path and read_meta(old).get("source") == os.path.abspath(source):
+                remove(old, old + ".json")
+    meta = read_meta(path)
+    if meta["skipped"]:
+        names = ", ".join(meta["skipped_names"]) + (", ..." if meta["skipped"] > len(meta["skipped_names"]) else "")
+        print(f"warning: skipped {meta['skipped']} unreadable file(s) in {show(source)}: {names}", file=sys.stderr)
+    print(f"data: {len(data)} images from {show(args.data)} (cache {show(path)}, {status})")
+    return data
+
+
+def synthetic_faces(n, size, seed=0):
+    """n cartoon faces, uint8 (n, 3, size, size): a tilted head with short or long hair and a fringe, two eyes and a
+    mouth, on a shaded background; colours, position, size, tilt and smile vary. The same whatever --seed. Soft-edged
+    implicit shapes, vectorised over chunks of images, in numpy: single-threaded, so that OpenMP threads fighting over
+    a busy CPU cannot slow it down 30-fold as they do torch's here."""
+    p = np.random.default_rng(seed).random((n, 20), dtype=np.float32)  # one row per image: image i ignores n
+    skin_tones = np.array([[0.98, 0.84, 0.72], [0.9, 0.7, 0.55], [0.76, 0.55, 0.4], [0.52, 0.36, 0.25]], np.float32)
+    hair_tones = np.array([[0.08, 0.06, 0.05], [0.3, 0.18, 0.09], [0.55, 0.38, 0.2], [0.88, 0.74, 0.45],
+                           [0.62, 0.24, 0.1], [0.65, 0.65, 0.65]], np.float32)  # fmt: skip
+    t = p[:, 0] * 3
+    i = np.minimum(t.astype(int), 2)
+    skin = skin_tones[i] + (skin_tones[i + 1] - skin_tones[i]) * (t - i)[:, None]
+    hair = hair_tones[(p[:, 1] * 6).astype(int)] * (0.8 + 0.4 * p[:, 2:3])
+    iris = np.array([[0.3, 0.18, 0.08], [0.2, 0.4, 0.7], [0.25, 0.5, 0.3]], np.float32)[(p[:, 3] * 3).astype(int)]
+    bg, lips, white = 0.15 + 0.7 * p[:, 17:20], np.array([0.65, 0.2, 0.2], np.float32), np.ones(3, np.float32)
+    lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
+    y, x = np.meshgrid(lin, lin, indexing="ij")
+
+    def soft(dist, scale):  # alpha inside an implicit shape (dist < 0), with a one-pixel ramp: antialiased edges
+        return np.clip(0.5 - dist * (scale * size / 2), 0, 1)
+
+    def paint(img, colour, alpha):
+        return img + (colour.reshape(-1, 3, 1, 1) - img) * alpha[:, None]
+
+    out, per_chunk = np.empty((n, 3, size, size), np.uint8), max(1, 2**18 // size**2)
+    for a in range(0, n, per_chunk):
+        q, b = p[a : a + per_chunk, 4:15, None, None], slice(a, a + per_chunk)
+        cx, cy, rx = (q[:, 0] - 0.5) * 0.3, 0.05 + (q[:, 1] - 0.5) * 0.25, 0.42 + 0.18 * q[:, 2]
+        ry, tilt = rx * (1.15 + 0.2 * q[:, 3]), (q[:, 4] - 0.5) * 0.6
+        u = ((x - cx) * np.cos(tilt) + (y - cy) * np.sin(tilt)) / rx  # head coordinates: the head is the unit disc
+        v = ((y - cy) * np.cos(tilt) - (x - cx) * np.sin(tilt)) / ry
+        r = np.sqrt(u**2 + v**2)
+        head = soft(r - 1, rx)
+        long_hair = soft(np.maximum(np.maximum(np.abs(u) - 1.15, v - 0.4 - 1.2 * q[:, 5]), -0.3 - v), rx)  # a box
+        hair_a = np.maximum(soft(np.sqrt((u / 1.15) ** 2 + ((v + 0.12) / 1.1) ** 2) - 1, rx), long_hair)
+        fringe = hair_a * soft(v + 0.45 + 0.2 * q[:, 6] * (1 - u**2) + 0.05 * np.sin(u * 9), ry)
+        erx, ery = 0.13 + 0.05 * q[:, 7], 0.09 + 0.03 * q[:, 7]
+        eye = np.sqrt(((np.abs(u) - 0.38) / erx) ** 2 + ((v + 0.05) / ery) ** 2)  # both eyes: mirrored in u
+        smile = v - 0.5 - (0.35 * q[:, 8] - 0.1) * (1 - (u / 0.35) ** 2)
+        mouth = soft(np.maximum(np.abs(smile) - 0.04 - 0.04 * q[:, 9], np.abs(u) - 0.3 - 0.1 * q[:, 10]), ry)
+        img = bg[b, :, None, None] * (1.1 - 0.25 * (y + 1) / 2)  # background lit from above
+        img = paint(img, hair[b], hair_a)
+        img = paint(img, skin[b], head) * (1 - 0.15 * np.minimum(r * head, 1) ** 2)[:, None]  # shaded: rounder
+        img = paint(img, hair[b], fringe)
+        img = paint(img, white, head * soft(eye - 1, erx * rx))
+        img = paint(img, iris[b], head * soft(eye - 0.55, erx * rx))
+        out[b] = np.clip(paint(img, lips, head * mouth) * 255 + 0.5, 0, 255)
+    return torch.from_numpy(out)
+
+
+def load_dataset(args):
+    """The training images, uint8 (N, 3, S, S): a tensor (synthetic) or a read-only memory map of the decoded cache
+    of a folder or zip of images (celeba, celeba-hq)."""
+    if args.dataset == "synthetic":
+        t0 = time.perf_counter()
+        data = synthetic_faces(args.max_images or min(4096, 2**18 // args.size), args.size)  # 4096, 2048 or 1024
+        print(f"data: {len(data)} synthetic {args.size}px faces (generated in {time.perf_counter() - t0:.1f} s)")
+        return data
+    return load_image_folder(args)
+
+
+@functools.cache
+def host_group():
+    """DDP: a gloo group for what the ranks agree on between their hosts (the cache is ready, stop now): no GPU sync,
+    and a timeout long enough for rank 0 to decode a whole data set while the other ranks wait."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+
+
+def load_shared(args):
+    """load_dataset once per run: under torchrun, rank 0 builds (or checks) the cache while the other ranks wait,
+    then they open the file it names, without a second check of every byte."""
+    if WORLD == 1 or args.dataset == "synthetic":  # synthetic: generated by each rank, the same everywhere
+        return load_dataset(args)
+    data = load_dataset(args) if RANK == 0 else None
+    name = [data.filename if RANK == 0 else None]
+    dist.broadcast_object_list(name, src=0, group=host_group())
+    if RANK and not os.path.exists(name[0]):  # several machines, each with its own disk
+        die(f"rank {RANK} cannot see the cache rank 0 built, {name[0]}: put --data and --cache-dir on a file "
+            "system all machines share, or build the cache on each machine first (a --dry-run)")  # fmt: skip
+    return data if RANK == 0 else np.load(name[0], mmap_mode="r")
+
+
+def available_ram():
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: total RAM
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def to_tensor(data, device, pin=False):
+    """uint8 tensor or cache memmap -> one tensor on `device`. The file is read straight into it (through a 256 MB
+    pinned buffer for a GPU), not through the memory map, whose pages would count twice in the process's memory."""
+    if not isinstance(data, np.memmap):
+        data = torch.as_tensor(data)
+        return data.pin_memory() if pin else data.to(device)
+    out, step = torch.empty(data.shape, dtype=torch.uint8, device=device, pin_memory=pin).view(-1), 256 << 20
+    buf = torch.empty(step, dtype=torch.uint8, pin_memory=True) if out.is_cuda else None
+    with open(data.filename, "rb") as f:
+        f.seek(data.offset)
+        for i in range(0, len(out), step):
+            chunk = out[i : i + step] if buf is None else buf[: min(step, len(out) - i)]
+            if f.readinto(chunk.numpy()) != len(chunk):
+                raise OSError(f"{data.filename} is shorter than its header says")
+            if buf is not None:
+                out[i : i + len(chunk)].copy_(chunk)
+    return out.view(data.shape)
+
+
+class BatchSource:
+    """Shuffled uint8 batches (B, 3, S, S) on `device`, from where the data set fits: the GPU itself (no host work per
+    step), host RAM (gathered by a background thread; pinned and copied on a side stream for CUDA), or, too big for
+    RAM, the cache file read row by row with os.preadv (host memory bounded by a few batches, whatever N is).
+    The order depends only on (seed, epoch): a run resumed mid-epoch sees the very batches it would have seen.
+    DDP: every rank draws the same permutation, and step s takes its next world x batch_size images, each rank its
+    own batch_size of them: together the ranks see what one process with a world-times larger batch would."""
+
+    ring_depth = 4  # batches in host memory at most: 2 in the queue, 1 being gathered, 1 in the training step
+    readers = 4  # threads reading the rows of a batch from disk: 2.5x the rows/s of one on a cold disk
+
+    def __init__(self, data, args, device, rank=0, world=1):
+        if len(data) < args.batch_size * world:
+            die(f"the data set has {len(data)} images, fewer than --batch-size {args.batch_size}"
+                + (f" times {world} processes" if world > 1 else ""))  # fmt: skip
+        self.device, self.batch_size, self.seed = torch.device(device), args.batch_size, args.seed
+        self.rank, self.world = rank, world
+        self.n, self.shape, self.data, self.file = len(data), (args.batch_size, *data.shape[1:]), data, None
+        cuda, nbytes, gb = self.device.type == "cuda", self.n * math.prod(data.shape[1:]), 1e9
+        budget = None if args.data_memory is None else args.data_memory * gb  # None: from what is free now
+        ram = 0.25 * available_ram() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # a machine's processes share it
+        if cuda and nbytes <= (budget if budget is not None else 0.4 * torch.cuda.mem_get_info(self.device)[0]):
+            self.data, where = to_tensor(data, self.device), f"the whole set on {self.device}"
+        elif nbytes <= (budget if budget is not None else ram) or not isinstance(data, np.memmap):
+            self.data, where = to_tensor(data, "cpu", pin=cuda), "host RAM" + (", pinned" if cuda else "")
+        else:  # self.data stays the memory map, for its length and shape only: rows are read with os.preadv
+            self.file, self.offset, self.row_bytes = data.filename, data.offset, math.prod(data.shape[1:])
+            where = f"streaming from {show(self.file)} on disk, at most {self.ring_depth} batches of "
+            where += f"{math.prod(self.shape) / 1e6:.1f} MB in memory"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None  # host-to-GPU copies beside the training
+        print(f"batches: {where} ({nbytes / gb:.2f} GB of data)")
+
+    def __len__(self):
+        return self.n // (self.batch_size * self.world)
+
+    def epoch(self, epoch, start=0):
+        """Yield batches start..len-1 of 0-based `epoch`."""
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = order[: len(self) * self.world * self.batch_size].view(len(self), self.world, self.batch_size)
+        order = order[:, self.rank]  # this rank's part of every step
+        if self.file is None and self.data.is_cuda:
+            order = order.to(self.device)
+            for step in range(start, len(self)):
+                yield self.data[order[step]]  # a gather kernel on the GPU: no host work, no sync
+            return
+        ready, stop = queue.Queue(maxsize=self.ring_depth - 2), threading.Event()
+        thread = threading.Thread(target=self.produce, args=(order, start, ready, stop), name="batches", daemon=True)
+        thread.start()
+        try:
+            for _ in range(start, len(self)):
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item  # an I/O error in the background thread surfaces in the training loop
+                batch, copied = item
+                if copied is not None:  # the training stream waits for the copy; the allocator keeps the batch
+                    current = torch.cuda.current_stream(self.device)  # until that stream is done with it
+                    current.wait_event(copied)
+                    batch.record_stream(current)
+                yield batch if copied is not None else batch.to(self.device)  # CPU: the same tensor; MPS: a copy
+        finally:  # also when the training loop stops early and the generator is closed
+            stop.set()
+            thread.join()
+
+    def produce(self, order, start, ready, stop):
+        """Background thread: gather each batch into a fresh tensor (a batch the training loop keeps is never
+        overwritten) and hand it over; for CUDA, pinned and copied to the GPU on the side stream."""
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1) or True
+                except queue.Full:
+                    pass
+            return False
+
+        disk = None
+        try:
+            if self.file:
+                disk = (os.open(self.file, os.O_RDONLY), ThreadPoolExecutor(self.readers))
+                if hasattr(os, "posix_fadvise"):  # random rows: the kernel's read-ahead would only waste I/O
+                    os.posix_fadvise(disk[0], 0, 0, os.POSIX_FADV_RANDOM)
+            for step in range(start, len(self)):
+                # pinned memory comes from torch's caching host allocator, which reuses a buffer only once the copy
+                # out of it has finished: a ring of pinned buffers without the bookkeeping
+                batch, copied = torch.empty(self.shape, dtype=torch.uint8, pin_memory=self.stream is not None), None
+                self.gather(order[step], batch, disk)
+                if self.stream is not None:
+                    with torch.cuda.stream(self.stream):
+                        batch, copied = batch.to(self.device, non_blocking=True), torch.cuda.Event()
+                        copied.record(self.stream)
+                if not put((batch, copied)):
+                    return
+        except BaseException as e:  # noqa: BLE001 -- handed to the training loop, which raises it
+            put(e)
+        finally:
+            if disk:
+                disk[1].shutdown()
+                os.close(disk[0])
+
+    def gather(self, idx, out, disk=None):
+        """Rows idx into `out`: index_select from RAM, or preads from the cache file (disk: its fd, reader threads)."""
+        if disk is None:
+            torch.index_select(self.data, 0, idx, out=out)
+            return
+        rows, idx = out.numpy().reshape(len(idx), -1), idx.numpy()
+
+        def read(positions):
+            for pos in positions:  # each row lands at its place in the batch
+                offset = self.offset + int(idx[pos]) * self.row_bytes
+                if os.preadv(disk[0], [rows[pos]], offset) != self.row_bytes:
+                    raise OSError(f"{self.file}: short read at byte {offset}; the cache file changed during training")
+
+        list(disk[1].map(read, np.array_split(np.argsort(idx), self.readers)))  # each thread: ascending offsets
+
+
+def preprocess(batch, args):
+    """uint8 [0, 255] -> float [-1, 1], randomly mirrored with --flip, channels-last like the networks."""
+    x = batch.float().div_(127.5).sub_(1)
+    if args.flip:  # on the device, one coin per image (seed 003)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def weights_init(m):
+    # the paper: every weight from N(0, 0.02), BatchNorm scale from N(1, 0.02)
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+        nn.init.normal_(w, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def widths(size):
+    """Channel multipliers of the feature maps from 4x4 up to size/2: [8, 4, 2, 1] at 64 (the paper's), capped at 8."""
+    return [min(2**i, MAX_MULT) for i in reversed(range(int(math.log2(size)) - 2))]
+
+
+class Generator(nn.Module):
+    def __init__(self, nz=100, ngf=64, nc=NC, size=64):
+        super().__init__()
+        m = widths(size)
+        layers = [
+            # input: nz x 1 x 1
+            nn.ConvTranspose2d(nz, ngf * m[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * m[0]),
+            nn.ReLU(True),
+            # state size: (ngf*8) x 4 x 4
+        ]
+        for a, b in itertools.pairwise(m):
+            layers += [
+                nn.ConvTranspose2d(ngf * a, ngf * b, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ngf * b),
+                nn.ReLU(True),
+            ]  # state size: (ngf*a) x s x s -> (ngf*b) x 2s x 2s; at 128: 8x8 (ngf*8), 16x16 (ngf*4) ... 64x64 (ngf)
+        layers += [
+            nn.ConvTranspose2d(ngf * m[-1], nc, 4, 2, 1, bias=False),
+            nn.Tanh(),
+            # state size: nc x size x size
+        ]
+        self.main = nn.Sequential(*layers)
+        self.apply(weights_init)
+
+    def forward(self, z):
+        return self.main(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0):
+        super().__init__()
+        # spectral norm replaces BatchNorm in D (Miyato et al. 2018, https://arxiv.org/abs/1802.05957)
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        norm = (lambda c: nn.Identity()) if spectral_norm else nn.BatchNorm2d
+        # spatial dropout in D, as in seed 003
+        drop = (lambda: nn.Dropout2d(dropout)) if dropout else nn.Identity
+        m = widths(size)[::-1]
+        layers = [
+            # input: nc x size x size
+            sn(nn.Conv2d(nc, ndf * m[0], 4, 2, 1, bias=False)),
+            nn.LeakyReLU(0.2, inplace=True),
+            drop(),
+            # state size: ndf x size/2 x size/2
+        ]
+        for a, b in itertools.pairwise(m):
+            layers += [
+                sn(nn.Conv2d(ndf * a, ndf * b, 4, 2, 1, bias=False)),
+                norm(ndf * b),
+                nn.LeakyReLU(0.2, inplace=True),
+                drop(),
+            ]  # state size: (ndf*a) x s x s -> (ndf*b) x s/2 x s/2; at 128: 32x32 (ndf*2) ... 4x4 (ndf*8)
+        layers += [
+            sn(nn.Conv2d(ndf * m[-1], 1, 4, 1, 0, bias=False)),
+            # output: 1 x 1 x 1, a logit: BCE-with-logits is safe under autocast, Sigmoid + BCELoss is not
+        ]
+        self.main = nn.Sequential(*layers)
+        self.apply(weights_init)
+
+    def forward(self, x):
+        return self.main(x).view(-1)
+
+
+def build(args, device, amp):
+    """Networks, EMA copy, optimizers and grad scaler: everything a checkpoint holds."""
+    G = Generator(args.nz, args.ngf, NC, args.size).to(device, memory_format=torch.channels_last)
+    D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout).to(
+        device, memory_format=torch.channels_last
+    )
+    if WORLD > 1 and args.sync_bn:  # BatchNorm statistics over the global batch, not over each rank's part of it
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole Adam update
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
+    if args.d_optim == "sgd":  # SGD with momentum for D, as in seed 004 and ganhacks
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)
+    else:
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
+    # EMA of G's weights (Yazici et al. 2019, https://arxiv.org/abs/1806.04498), used for every image written
+    ema = copy.deepcopy(G).eval().requires_grad_(False) if args.ema else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    net_g, net_d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    if WORLD > 1:  # DDP: rank 0's weights broadcast now, gradients averaged over the ranks bucket by bucket in backward
+        ids = [device] if device.type == "cuda" else None
+        net_g, net_d = DDP(net_g, device_ids=ids), DDP(net_d, device_ids=ids)
+    return SimpleNamespace(
+        G=G, D=D, net_g=net_g, net_d=net_d, ema=ema, opt_g=opt_g, opt_d=opt_d,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    )  # fmt: skip
+
+
+def noisy(x, sigma):
+    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D
+    return x + sigma * torch.randn_like(x) if sigma else x
+
+
+def optimizer_step(opt, net, scaler, clip):
+    if clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(net.parameters(), clip)  # foreach norm on the device, no sync
+    scaler.step(opt)
+
+
+def train_step(m, real, args, sigma):
+    """One D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as a device tensor."""
+    # no .item() in here: it would make the CPU wait for the GPU every step
+    z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
+    ############################
+    # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
+    ############################
+    with m.autocast():
+        fake = m.net_g(z)
+        out_real = m.net_d(noisy(real, sigma))
+        out_fake = m.net_d(noisy(fake.detach(), sigma))
+        # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498)
+        loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
+        loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+    m.opt_d.zero_grad(set_to_none=True)
+    m.scaler.scale(loss_d).backward()
+    optimizer_step(m.opt_d, m.D, m.scaler, args.clip_grad)
+    ############################
+    # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
+    ############################
+    m.D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
+    for k in range(args.g_steps):
+        with m.autocast():
+            if k:  # extra G steps (seeds 000 and 001) draw fresh noise
+                fake = m.net_g(torch.randn_like(z))
+            out = m.net_d(noisy(fake, sigma))
+            loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        m.opt_g.zero_grad(set_to_none=True)
+        m.scaler.scale(loss_g).backward()
+        optimizer_step(m.opt_g, m.G, m.scaler, args.clip_grad)
+        if m.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(m.ema.parameters()), list(m.G.parameters()), 1 - args.ema)
+                torch._foreach_copy_(list(m.ema.buffers()), list(m.G.buffers()))
+    m.D.requires_grad_(True)
+    m.scaler.update()
+    probs = torch.stack([out_real.float().sigmoid().mean(), out_fake.float().sigmoid().mean()])
+    return torch.cat([torch.stack([loss_d, loss_g]).detach().float(), probs.detach()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+
+
+def atomic_write(path, write, sync=False):
+    """write(file) to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C: no half-written temporary file stays behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__context__  # torch.save: a RuntimeError raised over the OSError
+        if not isinstance(cause, OSError) or not isinstance(e, Exception):
+            raise
+        die(f"could not write {path}: {cause.strerror or cause}. Files written before are intact.", 1)
+
+
+def save_png(chw, path):
+    """One uint8 CHW image (1 or 3 channels) as an L or RGB PNG."""
+    arr = chw.permute(1, 2, 0).numpy()
+    atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
+
+
+def to_uint8(x):
+    return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+
+
+def save_grid(images, path):
+    """An 8x8 grid with 2-pixel gaps, in the data's own channels."""
+    save_png(make_grid(to_uint8(images), nrow=8, padding=2)[: images.size(1)], path)
+
+
+@torch.no_grad()
+def sample(m, fixed_noise):
+    net = m.ema if m.ema is not None else m.G
+    net.eval()
+    with m.autocast():
+        images = net(fixed_noise)
+    net.train(m.ema is None)
+    return images
+
+
+def save_checkpoint(path, m, step, steps_per_epoch, args, fixed_noise):
+    ck = {
+        "script": SCRIPT, "generator": m.G.state_dict(), "discriminator": m.D.state_dict(),
+        "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(), "scaler": m.scaler.state_dict(),
+        "step": step, "epoch": step // steps_per_epoch, "args": {k: v for k, v in vars(args).items() if k != "given"},
+        "fixed_noise": fixed_noise.cpu(), "rng_cpu": torch.get_rng_state(),
+    }  # fmt: skip
+    if m.ema is not None:
+        ck["ema"] = m.ema.state_dict()
+    if torch.cuda.is_available() and fixed_noise.is_cuda:
+        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    atomic_write(path, lambda f: torch.save(ck, f), sync=True)
+
+
+def load_checkpoint(path):
+    """Plain data only: weights_only=True refuses a pickle that would run code, before running any of it."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: one message is enough
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # the pickle names a function or class to call
+            code = str(e).split("GLOBAL ")[1].split()[0]
+            die(f"{path} holds objects other than plain data ({code}); refused, nothing in it was executed")
+        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint (unpickling failed)")
+    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file)
+        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
+        script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
+        die(f"{path} was written by {script}, not {SCRIPT}")
+    return ck
+
+
+def restore(m, ck, args, device):
+    """Put a checkpoint's weights, optimizer, scaler and RNG states back; returns (step, fixed_noise)."""
+    for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
+        net.load_state_dict(ck[key])
+    for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):  # the command line's learning rates win
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if m.ema is not None:
+        m.ema.load_state_dict(ck.get("ema") or ck["generator"])
+    m.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in ck:
+        torch.cuda.set_rng_state(ck["rng_cuda"])
+    return ck["step"], ck["fixed_noise"].to(device)
+
+
+def generator_from(ck, device):
+    """The generator a checkpoint describes, with the EMA weights when it has them."""
+    G = Generator(ck["args"]["nz"], ck["args"]["ngf"], NC, ck["args"]["size"]).to(device)
+    G.load_state_dict(ck.get("ema") or ck["generator"])
+    return G.eval()
+
+
+class Log:
+    """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps. DDP: each
+    row is the mean over the ranks (the global batch's), the same on every rank; rank 0 alone writes it."""
+
+    def __init__(self, args, device, step):
+        self.path, self.out, self.n, self.rows, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, [], step
+        if RANK == 0 and os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
+            with open(self.path, newline="") as f:
+                kept = [r for r in list(csv.reader(f))[1:] if len(r) >= 6 and r[0].isdigit() and int(r[0]) <= step]
+            atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS] + kept).encode()))
+        elif RANK == 0:
+            atomic_write(self.path, lambda f: f.write((",".join(COLUMNS) + "\n").encode()))
+        self.file = open(self.path if RANK == 0 else os.devnull, "a", newline="")  # noqa: SIM115 (for the whole run)
+        self.buf = torch.zeros(args.log_every, 4, device=device)
+        self.tb = None
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                die("--tensorboard needs the tensorboard package: pip install tensorboard")
+            self.tb = SummaryWriter(os.path.join(args.out, "tb")) if RANK == 0 else None
+
+    def add(self, stats):
+        self.buf[self.n] = stats
+        self.n += 1
+
+    def flush(self, step, epoch):
+        """Write the buffered rows and return the last; stop the run at the first non-finite one."""
+        if WORLD > 1:  # every rank then sees the same NaN at the same step, and all stop there
+            dist.all_reduce(self.buf[: self.n])
+            self.buf[: self.n] /= WORLD
+        values, self.n = self.buf[: self.n].tolist(), 0
+        first, finite = step - len(values) + 1, list(itertools.takewhile(lambda v: all(np.isfinite(v)), values))
+        try:  # the disk write happens at flush(): both belong in the try
+            self.file.write("".join(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n"
+                                    for i, v in enumerate(finite)))  # fmt: skip
+            self.file.flush()
+        except OSError as e:
+            die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
+        for i, v in enumerate(finite if self.tb else []):
+            for name, x in zip(COLUMNS[2:], v):
+                self.tb.add_scalar(name, x, first + i)
+        self.rows += finite
+        if len(finite) < len(values):
+            self.diverged(f"the losses at step {first + len(finite)}")
+        return self.rows[-1]
+
+    def diverged(self, what):
+        die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
+            f"kept in {self.out}. Lower --lr-d/--lr-g or add --clip-grad, then --resume.", 3)  # fmt: skip
+
+    def epoch_means(self):
+        means, self.rows = np.mean(self.rows, axis=0) if self.rows else [float("nan")] * 4, []
+        return "  ".join(f"{k} {v:.3f}" for k, v in zip(("loss_d", "loss_g", "D(x)", "D(G(z))"), means))
+
+
+def setup(args):
+    """Seed, device and precision, one line each; under torchrun also the process group, one rank per GPU."""
+    torch.manual_seed(args.seed)  # the same weights on every rank (DDP broadcasts rank 0's anyway)
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        die(f"--device {name}: not available on this machine")
+    device = torch.device(name, LOCAL_RANK) if name == "cuda" and WORLD > 1 else torch.device(name)
+    if WORLD > 1:  # under torchrun: DDP over NCCL between GPUs, over gloo between CPU processes
+        if name == "mps":
+            die("DDP runs on CUDA GPUs (NCCL) or on the CPU (gloo): run --device mps with python, not torchrun")
+        if args.sync_bn and name != "cuda":
+            die("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel): drop it on the CPU")
+        if name == "cuda" and LOCAL_RANK >= torch.cuda.device_count():
+            die(f"--nproc_per_node is larger than the {torch.cuda.device_count()} GPU(s) of this machine")
+        if name == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic  # fixed shapes: let cuDNN time its kernels once
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
+    amp = args.amp
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:  # bf16 pays on a CPU only where it has bf16 instructions (AVX512-BF16 or AMX)
+            cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+            amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
+    print(f"seed: {args.seed}")
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"amp: {amp}")
+    if WORLD > 1:
+        print(f"ddp: {WORLD} processes over {dist.get_backend()}, {args.batch_size} images each per step")
+    return device, amp
+
+
+def prepare_run(args):
+    """Refuse to overwrite a run; with --resume, load its checkpoint and take its arguments."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not args.resume:
+        if any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")):
+            die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
+        return None
+    ck = load_checkpoint(path)
+    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # from a run killed in the middle of a write
+        leftover.unlink()
+    diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
+            for k in ARCH if k in args.given and ck["args"].get(k) != getattr(args, k)]  # fmt: skip
+    if diff:
+        die(f"--resume: architecture arguments differ from the checkpoint's: {'; '.join(diff)}")
+    for k, v in ck["args"].items():
+        if k in vars(args) and k not in args.given and k not in NOT_INHERITED:
+            setattr(args, k, v)
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class StopVote:
+    """Whether to stop after this step because a signal (SIGINT, SIGTERM) came. One process: as soon as it came.
+    DDP: the ranks get the signal at different moments (torchrun passes its own on, SLURM signals every task), yet
+    must all stop after the same step: each step starts an all-reduce of the ranks' flags on the CPU and reads the
+    one of the step before, so that the loop never waits for it and every rank stops one step after the first signal."""
+
+    def __init__(self):
+        self.work, self.flag = None, None
+
+    def __call__(self, stop):
+        if WORLD == 1:
+            return bool(stop)
+        agreed = self.work is not None and self.work.wait() and self.flag.item() > 0
+        self.flag = torch.tensor([len(stop)])
+        self.work = dist.all_reduce(self.flag, group=host_group(), async_op=True)
+        return agreed
+
+    def close(self):
+        if self.work is not None:
+            self.work.wait()
+
+
+def train(args):
+    ck = prepare_run(args)  # on every rank: the same refusals everywhere, before any rank writes a file
+    device, amp = setup(args)
+    created = not os.path.exists(args.out)
+    try:  # before the data, which may take long to prepare: an unwritable --out is refused at once
+        if RANK == 0:
+            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out {args.out}: {e.strerror}", 1)
+    try:
+        batches = BatchSource(load_shared(args), args, device, RANK, WORLD)
+    except (SystemExit, KeyboardInterrupt):  # no data: leave no empty run directory behind
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(args.out, "samples"))
+            if created:
+                os.rmdir(args.out)
+        raise
+    m = build(args, device, amp)
+    steps_per_epoch = len(batches)
+    total = 1 if args.dry_run else min(args.max_steps or 1 << 62, args.epochs * steps_per_epoch)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if ck:
+        step, fixed_noise = restore(m, ck, args, device)
+        print(f"resume: step {step} (epoch {step // steps_per_epoch}) from {ckpt_path}")
+    else:
+        step = 0
+        fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    if not ck and RANK == 0:  # rank 0 alone writes files; the others only train
+        with contextlib.closing(batches.epoch(0)) as first:  # 64 images, whatever the batch size
+            real = torch.cat(list(itertools.islice(first, -(-64 // args.batch_size))))
+        real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
+        save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
+        save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
+    params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
+    config = {k: v for k, v in vars(args).items() if k != "given"} | {
+        "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
+        "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
+        "world_size": WORLD, "global_batch_size": args.batch_size * WORLD,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "numpy": np.__version__},
+    }  # fmt: skip
+    if RANK == 0:
+        atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+    log = Log(args, device, step)
+    if step >= total:
+        print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
+        return
+    stop, vote, halt = [], StopVote(), False  # the signals that came; the step in flight finishes, then all is saved
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        if WORLD == 1:  # a second Ctrl-C kills at once; under torchrun, the launcher passes its own signal on too
+            signal.signal(signum, signal.SIG_DFL)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    global_batch = args.batch_size * WORLD  # images per step, over all ranks
+    print(f"training: {total - step} steps to go, {steps_per_epoch} per epoch, batch {global_batch}, out {args.out}")
+    while step < total and not halt:
+        epoch, t0, start = step // steps_per_epoch, time.time(), step
+        bar = tqdm(total=steps_per_epoch * global_batch, initial=(step % steps_per_epoch) * global_batch, unit="img",
+                   unit_scale=True, desc=f"epoch {epoch + 1}", disable=RANK > 0 or None, leave=False)  # fmt: skip
+        for real in batches.epoch(epoch, step % steps_per_epoch):
+            if WORLD > 1:  # each rank's noise, flips and dropout from (seed, rank, step): resumes are exact per rank
+                torch.manual_seed(hash((args.seed, RANK, step)))
+            # instance noise anneals to 0 over the planned run, whatever --max-steps says
+            sigma = args.instance_noise * max(0.0, 1 - step / (args.epochs * steps_per_epoch))
+            log.add(train_step(m, preprocess(real, args), args, sigma))
+            step += 1
+            bar.update(global_batch)
+            halt = vote(stop)
+            epoch_end, last = step % steps_per_epoch == 0, step >= total or halt
+            save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
+            if log.n == args.log_every or save:
+                r = log.flush(step, epoch + 1)  # the one host-device sync per --log-every steps
+                bar.set_postfix_str(f"loss_d {r[0]:.3f} loss_g {r[1]:.3f} D(x) {r[2]:.2f} D(G(z)) {r[3]:.2f}")
+            if RANK == 0 and args.sample_every and step % args.sample_every == 0:
+                save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
+            if RANK == 0 and (epoch_end or last):
+                images = sample(m, fixed_noise)
+                save_grid(images, os.path.join(args.out, "samples", f"epoch_{epoch + 1:03d}.png"))
+                if log.tb:
+                    log.tb.add_images("samples", to_uint8(images), step)
+            if save:
+                weights = [p.detach() for p in (*m.G.parameters(), *m.D.parameters())]  # the same on every rank
+                if not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
+                    log.diverged(f"weights at step {step}")
+                if RANK == 0:
+                    save_checkpoint(ckpt_path, m, step, steps_per_epoch, args, fixed_noise)
+                log.saved = step
+            if last:
+                break
+        bar.close()
+        dt = time.time() - t0
+        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {log.epoch_means()}  "
+              f"{(step - start) * global_batch / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
+    vote.close()
+    if halt:
+        name = signal.Signals(stop[0]).name if stop else "a signal to another rank"
+        again = f"torchrun --nproc_per_node {WORLD} {SCRIPT}" if WORLD > 1 else f"python {SCRIPT}"
+        print(f"{name}: stopped after step {step}; checkpoint and samples saved in {args.out}. "
+              f"Continue with: {again} --out {args.out} --resume")  # fmt: skip
+        sys.exit(128 + (stop[0] if stop else signal.SIGTERM))
+    print(f"done: {step} steps, samples in {os.path.join(args.out, 'samples')}, checkpoint {ckpt_path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No-training modes
+
+
+def generate(args):
+    device, _ = setup(args)
+    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
+    folder = os.path.join(args.out, "generated")
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    with torch.no_grad():
+        for i in range(0, args.generate, 256):
+            z = torch.randn(min(256, args.generate - i), G.main[0].in_channels, 1, 1, device=device)
+            images.append(to_uint8(G(z)))
+    images = torch.cat(images)
+    for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
+        save_png(img, os.path.join(folder, f"{i:06d}.png"))
+    save_png(make_grid(images[:64], nrow=8, padding=2)[:NC], os.path.join(folder, "grid.png"))
+    print(f"wrote {len(images)} images and grid.png to {folder}")
+
+
+def slerp(a, b, t):
+    """Spherical interpolation: Gaussian latents live near a sphere (White 2016, https://arxiv.org/abs/1609.04468)."""
+    omega = torch.acos((F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1, keepdim=True).clamp(-1, 1))
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega).clamp_min(1e-6)
+
+
+def interpolate(args):
+    import imageio.v3 as iio
+
+    device, _ = setup(args)
+    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
+    keys = torch.randn(4, 16, G.main[0].in_channels, device=device)  # 16 walks through 4 points and back
+    frames = []
+    with torch.no_grad():
+        for a, b in zip(keys, keys.roll(-1, 0)):
+            for t in torch.arange(args.interpolate) / args.interpolate:
+                grid = make_grid(to_uint8(G(slerp(a, b, t)[..., None, None])), nrow=4, padding=2)[:NC]
+                frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
+    path = os.path.join(args.out, "interpolation.gif")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
+    print(f"wrote {path}: {len(frames)} frames")
+
+
+def summary(args):
+    nets = (("Generator", Generator(args.nz, args.ngf, NC, args.size), torch.zeros(1, args.nz, 1, 1)),
+            ("Discriminator", Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout),
+             torch.zeros(1, NC, args.size, args.size)))  # fmt: skip
+    for name, net, x in nets:
+        print(f"{name}\n  {'layer':<34}{'output shape':>20}{'parameters':>14}")
+        with torch.no_grad():
+            for i, layer in enumerate(net.eval().main):
+                x = layer(x)
+                n = sum(p.numel() for p in layer.parameters())
+                print(f"  {i:>2} {type(layer).__name__:<31}{tuple(x.shape[1:])!s:>20}{n:>14,}")
+        print(f"  total parameters: {sum(p.numel() for p in net.parameters()):,}\n")
+
+
+def benchmark(args):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device, amp = setup(args)
+    m = build(args, device, amp)
+    real = preprocess(
+        torch.randint(0, 256, (args.batch_size, NC, args.size, args.size), dtype=torch.uint8, device=device), args
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
+        m.net_g, m.net_d, compiled = m.G, m.D, (m.net_g, m.net_d)
+        train_step(m, real, args, 0.0)
+    m.net_g, m.net_d = compiled
+    for _ in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
+        train_step(m, real, args, 0.0)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.benchmark):
+        train_step(m, real, args, 0.0)
+    sync()
+    dt = time.perf_counter() - t0
+    flops = counter.get_total_flops()
+    n = args.benchmark * WORLD  # DDP: every rank took as many steps, the throughput is theirs together
+    print(f"benchmark: {args.benchmark} steps x {args.batch_size} images x {WORLD} process(es) in {dt:.2f} s: "
+          f"{n * args.batch_size / dt:,.0f} images/s, {flops * n / dt / 1e12:.3f} TFLOP/s "
+          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = next((f for f in (summary, benchmark, generate, interpolate) if getattr(args, f.__name__)), train)
+    if WORLD > 1 and mode not in (train, benchmark):
+        die(f"--{mode.__name__} runs in one process: python {SCRIPT} --{mode.__name__} ..., not under torchrun")
+    if RANK > 0:  # rank 0 speaks for all; errors still reach stderr from every rank
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole run)
+    try:
+        mode(args)
+    except KeyboardInterrupt:  # before training started (data loading): nothing half-written to clean up
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
