@@ -25,6 +25,9 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+# every script runs in its own process: one thread each keeps two test workers (-n 2) from fighting over the cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -1513,22 +1516,22 @@ def test_celeba_data_errors_are_one_line(zoo, tmp_path):
 
 @slow
 def test_celeba_learns_the_synthetic_faces(tmp_path):
-    """Statistic: the per-channel mean colour of 256 generated faces against the data's. An untrained G draws
-    mid-gray (0.5 per channel); after 300 CPU steps at 32x32 the distance to the data's mean colour must have
-    shrunk by >= 50%."""
+    """Statistic: the contrast of a face, i.e. the standard deviation of its pixel values, averaged over 256 generated
+    faces. An untrained G draws flat gray (about 0.002), the data's faces about 0.195; after 300 CPU steps at 32x32 G
+    must have closed >= 25% of that gap (45% measured)."""
     flags = ["--dataset", "synthetic", "--size", "32", "--max-images", "1024", "--batch-size", "32", "--ngf", "16",
              "--ndf", "16", "--amp", "off"]  # fmt: skip
     run("dcgan_celeba.py", *flags, "--dry-run", "--out", tmp_path / "start")
     run("dcgan_celeba.py", *flags, "--max-steps", 300, "--out", tmp_path / "end")
 
-    def mean_colour(name):
+    def contrast(name):
         run("dcgan_celeba.py", "--out", tmp_path / name, "--generate", 256)
         files = sorted((tmp_path / name / "generated").glob("0*.png"))
-        return np.mean([np.asarray(Image.open(f), np.float32).reshape(-1, 3).mean(0) / 255 for f in files], 0)
+        return np.mean([(np.asarray(Image.open(f), np.float32) / 255).std() for f in files])
 
-    data = d.synthetic_faces(1024, 32).float().div(255).mean((0, 2, 3)).numpy()
-    start, end = mean_colour("start"), mean_colour("end")
-    assert np.abs(end - data).sum() <= 0.5 * np.abs(start - data).sum(), (start, end, data)
+    data = d.synthetic_faces(1024, 32).float().div(255).std((1, 2, 3)).mean().item()
+    start, end = contrast("start"), contrast("end")
+    assert data - end <= 0.75 * (data - start), (start, end, data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
