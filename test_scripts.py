@@ -741,6 +741,14 @@ def test_fault_disk_full_during_the_losses_csv_append(script, tmp_path, fault_re
 # dcgan_mnist.py
 
 
+@slow
+def test_compile_trains_and_checkpoints_the_plain_modules(tmp_path):
+    run("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / "run", "--max-steps", 3, "--compile"))
+    ck = check_run(tmp_path / "run", 28, 1, steps=3)  # no "_orig_mod." keys: saved from the uncompiled modules
+    assert ck["args"]["compile"] is True and not any("_orig_mod" in k for k in ck["discriminator"])
+    run("dcgan_mnist.py", "--out", tmp_path / "run", "--generate", 2)  # the plain Generator reads it
+
+
 def test_mnist_offline_download_fails_cleanly(tmp_path):
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     p = run("dcgan_mnist.py", "--data", tmp_path / "data", "--out", tmp_path / "run", ok=2, env=env)
