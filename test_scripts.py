@@ -329,10 +329,9 @@ def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path)
         (tmp_path / name / "checkpoint.pt").write_bytes(data)
         p = run(script, "--out", tmp_path / name, "--resume", ok=2)
         assert_one_line_error(p, words)
-        p = run(
-            script, "--checkpoint", tmp_path / name / "checkpoint.pt", "--generate", 1, "--out", tmp_path / name, ok=2
-        )
-        assert_one_line_error(p, words)
+    # --generate and --interpolate load through the same function: one case is enough for them
+    p = run(script, "--checkpoint", tmp_path / "truncated" / "checkpoint.pt", "--generate", 1, "--out", tmp_path, ok=2)
+    assert_one_line_error(p, "not a readable checkpoint")
 
 
 class Payload:  # unpickling this would run a shell command
