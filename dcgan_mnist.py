@@ -27,6 +27,7 @@ import contextlib
 import copy
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -438,12 +439,10 @@ def load_checkpoint(path):
         with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: one message is enough
             warnings.simplefilter("ignore")
             ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # the pickle names a function or class to call
-            code = str(e).split("GLOBAL ")[1].split()[0]
-            die(f"{path} holds objects other than plain data ({code}); refused, nothing in it was executed")
-        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint (unpickling failed)")
-    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file)
+    except Exception as e:  # noqa: BLE001 (code in the pickle, truncated zip, random bytes, empty file)
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL " in str(e):  # it names a function or class to call
+            die(f"{path} holds objects other than plain data ({str(e).split('GLOBAL ')[1].split()[0]}); refused, "
+                "nothing in it was executed")  # fmt: skip
         die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
@@ -490,7 +489,7 @@ class Log:
     """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps."""
 
     def __init__(self, args, device, step):
-        self.path, self.out, self.n, self.rows, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, [], step
+        self.path, self.out, self.n, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, step
         kept = []
         if os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
             with open(self.path, newline="") as f:
@@ -527,18 +526,13 @@ class Log:
         for i, v in enumerate(finite if self.tb else []):
             for name, x in zip(COLUMNS[2:], v):
                 self.tb.add_scalar(name, x, first + i)
-        self.rows += finite
         if len(finite) < len(values):
             self.diverged(f"the losses at step {first + len(finite)}")
-        return self.rows[-1]
+        return finite[-1]
 
     def diverged(self, what):
         die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
             f"kept in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
-
-    def epoch_means(self):
-        means, self.rows = np.mean(self.rows, axis=0) if self.rows else [float("nan")] * 4, []
-        return "  ".join(f"{k} {v:.3f}" for k, v in zip(("loss_d", "loss_g", "D(x)", "D(G(z))"), means))
 
 
 def resolve_amp(amp, device):
@@ -572,36 +566,23 @@ def setup(args):
     return device, amp
 
 
-def prepare_run(args):
-    """Refuse to overwrite a run; with --resume, remove what a killed run left half-written."""
-    if not args.resume:
-        if any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")):
-            die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
-        return
-    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):
-        leftover.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
 def train(args, ck=None):
-    prepare_run(args)
+    if not ck and any(
+        os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")
+    ):
+        die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
     device, amp = setup(args)
-    created = not os.path.exists(args.out)
-    try:  # before the data, which may take long to prepare: an unwritable --out is refused at once
+    batches = BatchSource(load_dataset(args), args, device)
+    try:  # after the data: a run stopped while its data loads leaves no run directory behind
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     except OSError as e:
         die(f"cannot create --out {args.out}: {e.strerror}", 1)
-    try:
-        batches = BatchSource(load_dataset(args), args, device)
-    except (SystemExit, KeyboardInterrupt):  # no data: leave no empty run directory behind
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(args.out, "samples"))
-            if created:
-                os.rmdir(args.out)
-        raise
+    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # what a killed run left half-written
+        leftover.unlink(missing_ok=True)
     m = build(args, device, amp)
     steps_per_epoch = len(batches)
     total = 1 if args.dry_run else min(args.max_steps or 1 << 62, args.epochs * steps_per_epoch)
@@ -615,12 +596,7 @@ def train(args, ck=None):
     else:
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        real = []
-        for batch in batches.epoch(0):  # 64 images, whatever the batch size
-            real.append(batch)
-            if len(real) * args.batch_size >= 64:
-                break
-        real = torch.cat(real)
+        real = torch.cat(list(itertools.islice(batches.epoch(0), -(-64 // args.batch_size))))  # 64, whatever the batch
         real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
         save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
@@ -678,7 +654,8 @@ def train(args, ck=None):
                 break
         bar.close()
         dt = time.time() - t0
-        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {log.epoch_means()}  "
+        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.3f}  "
+              f"D(G(z)) {r[3]:.3f}  "
               f"{(step - start) * args.batch_size / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
     if stop:
         name = signal.Signals(stop[0]).name
@@ -773,12 +750,11 @@ def benchmark(args):
 
 def main(argv=None):
     args, ck = parse_args(argv)
-    modes = [f for f in (summary, benchmark, generate, interpolate) if getattr(args, f.__name__)]
     try:
-        if modes:
-            modes[0](args)
-        else:
-            train(args, ck)
+        for mode in (summary, benchmark, generate, interpolate):
+            if getattr(args, mode.__name__):
+                return mode(args)
+        train(args, ck)
     except KeyboardInterrupt:  # before training started (data loading): nothing half-written to clean up
         print("interrupted", file=sys.stderr)
         sys.exit(130)
