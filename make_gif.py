@@ -21,7 +21,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 PAD, NROW = 2, 8  # grid geometry of the training scripts: 8 images per row, 2 px padding between and around
 
@@ -83,25 +83,16 @@ def find_frames(args):
     return files
 
 
-def default_out(args, first_file):
-    folder = Path(args.inputs[0]) if Path(args.inputs[0]).is_dir() else first_file.parent
-    folder = folder.parent if folder.name == "samples" else folder  # the run directory
-    return folder / ("training_steps.gif" if args.steps else "training.gif")
-
-
 def crop_first(img, n, path):
     """Cut the first n cells out of an 8-per-row grid and tile them again, as square as they go."""
     w, h = img.size
-    size = (w - PAD) / NROW - PAD
-    rows = (h - PAD) / (size + PAD) if size >= 1 else 0.5
-    if size != int(size) or rows != int(rows):
+    step, rest = divmod(w - PAD, NROW)  # a cell and the padding after it
+    if rest or step <= PAD or (h - PAD) % step:
         raise UsageError(f"--first: {path} ({w}x{h}) is not a grid of {NROW} images per row with {PAD}px padding")
-    size, rows = int(size), int(rows)
-    if n > NROW * rows:
-        raise UsageError(f"--first {n}: {path} holds only {NROW * rows} images")
-    cols = math.ceil(math.sqrt(n))
-    step, out_rows = size + PAD, math.ceil(n / cols)
-    out = Image.new(img.mode, (cols * step + PAD, out_rows * step + PAD), img.getpixel((0, 0)))  # border colour
+    size, count, cols = step - PAD, NROW * ((h - PAD) // step), math.ceil(math.sqrt(n))
+    if n > count:
+        raise UsageError(f"--first {n}: {path} holds only {count} images")
+    out = Image.new(img.mode, (cols * step + PAD, math.ceil(n / cols) * step + PAD), img.getpixel((0, 0)))  # border
     for i in range(n):
         x, y = PAD + (i % NROW) * step, PAD + (i // NROW) * step
         out.paste(img.crop((x, y, x + size, y + size)), (PAD + (i % cols) * step, PAD + (i // cols) * step))
@@ -110,35 +101,12 @@ def crop_first(img, n, path):
 
 @functools.lru_cache
 def label_font(width):
-    size = max(10, width // 24)  # readable on a 242 px MNIST grid, not shouting on a 530 px one
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def band_height(width):
-    return label_font(width).getbbox("epoch 0123456789")[3] + 6
-
-
-@functools.lru_cache
-def fitted_size(w, h, max_size, label):
-    """The largest size at the frame's aspect ratio whose frame, label band included, fits in max_size."""
-    scale = min(1.0, max_size / max(w, h))
-    while scale > 0.01 and max(round(w * scale), round(h * scale) + label * band_height(round(w * scale))) > max_size:
-        scale *= 0.99
-    if scale <= 0.01:
-        raise UsageError(f"--max-size {max_size} is too small for a labelled frame")
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def add_label(img, path):
-    m = re.match(r"(epoch|step)_0*(\d+)$", path.stem)
-    text = f"{m.group(1)} {m.group(2)}" if m else path.stem
-    out = Image.new(img.mode, (img.width, img.height + band_height(img.width)), 0)
-    out.paste(img, (0, out.height - img.height))
-    ImageDraw.Draw(out).text((4, 3), text, fill="white", font=label_font(img.width))
-    return out
+    """The font of the label on a frame this wide, and the height of the band that holds it."""
+    try:  # a size readable on a 242 px MNIST grid, not shouting on a 530 px one
+        font = ImageFont.load_default(size=max(10, width // 24))
+    except (ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    return font, font.getbbox("epoch 0123456789")[3] + 6
 
 
 def load_frames(files, args):
@@ -158,20 +126,20 @@ def load_frames(files, args):
         im = im.convert(mode)
         if args.first:
             im = crop_first(im, args.first, f)
-        if args.max_size:
-            im = im.resize(fitted_size(*im.size, args.max_size, args.label), Image.LANCZOS)
-        frames.append(np.asarray(add_label(im, f) if args.label else im))
+        if args.max_size:  # the band shrinks with the width, so the one of the unlabelled fit leaves room enough
+            scale = min(1.0, args.max_size / max(im.size))
+            room = args.max_size - (label_font(round(im.width * scale))[1] if args.label else 0)
+            if room < 1:
+                raise UsageError(f"--max-size {args.max_size} is too small for a labelled frame")
+            scale = min(scale, room / im.height)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+        if args.label:
+            m = re.match(r"(epoch|step)_0*(\d+)$", f.stem)
+            font, band = label_font(im.width)
+            im = ImageOps.expand(im, (0, band, 0, 0), fill=0)  # a black band above
+            ImageDraw.Draw(im).text((4, 3), f"{m[1]} {m[2]}" if m else f.stem, fill="white", font=font)
+        frames.append(np.asarray(im))
     return frames
-
-
-def write_mp4(out, frames, args):
-    # yuv420p wants even sides: pad with black rather than let imageio rescale; hold-last repeats the last frame
-    h, w = frames[0].shape[:2]
-    frames = [np.pad(np.atleast_3d(f), ((0, h % 2), (0, w % 2), (0, 0))) for f in frames]
-    frames = [np.repeat(f, 3, axis=2) if f.shape[2] == 1 else f for f in frames]
-    frames += [frames[-1]] * max(0, round(args.hold_last * args.fps) - 1)
-    out.open("wb").close()  # fail here, with a clear message, if out cannot be written
-    iio.imwrite(out, np.stack(frames), plugin="FFMPEG", fps=args.fps, macro_block_size=2)
 
 
 def main(argv=None):
@@ -179,13 +147,19 @@ def main(argv=None):
     out = None
     try:
         files = find_frames(args)
-        out = Path(args.out) if args.out else default_out(args, files[0])
+        run_dir = files[0].parent.parent if files[0].parent.name == "samples" else files[0].parent
+        out = Path(args.out) if args.out else run_dir / ("training_steps.gif" if args.steps else "training.gif")
         if out.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
             raise UsageError("writing .mp4 needs imageio's ffmpeg plugin: pip install imageio-ffmpeg (or write a .gif)")
         frames = load_frames(files, args)
+        h, w = frames[0].shape[:2]
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".mp4":
-            write_mp4(out, frames, args)
+        if out.suffix.lower() == ".mp4":  # yuv420p wants even sides: pad with black rather than let imageio rescale
+            video = [np.pad(np.atleast_3d(f), ((0, h % 2), (0, w % 2), (0, 0))) for f in frames]
+            video = [np.repeat(f, 3, axis=2) if f.shape[2] == 1 else f for f in video]
+            video += [video[-1]] * max(0, round(args.hold_last * args.fps) - 1)  # --hold-last repeats the last frame
+            out.open("wb").close()  # fail here, with a clear message, if out cannot be written
+            iio.imwrite(out, np.stack(video), plugin="FFMPEG", fps=args.fps, macro_block_size=2)
         else:
             ms = [round(1000 / args.fps)] * len(frames)  # imageio v3's pillow plugin takes milliseconds
             ms[-1] = round(1000 * args.hold_last) or ms[-1]
@@ -198,7 +172,6 @@ def main(argv=None):
     except OSError as e:
         print(f"make_gif.py: error: {'cannot write ' + str(out) + ': ' if out else ''}{e}", file=sys.stderr)
         return 2
-    h, w = frames[0].shape[:2]
     print(f"wrote {out}: {len(frames)} frame{'s' * (len(frames) != 1)}, {w}x{h}")
     return 0
 

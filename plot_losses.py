@@ -49,17 +49,11 @@ def parse_args(argv):
     return args
 
 
-def csv_path(run):
-    path = Path(run)
-    return path / "losses.csv" if path.is_dir() else path
-
-
 def read_csv(path):
     """The columns of COLUMNS as float arrays, or None when the file holds no row yet."""
     if not path.is_file():
-        raise UsageError(
-            f"no such file: {path}" + (" (is the run directory right?)" if path.name == "losses.csv" else "")
-        )
+        hint = " (is the run directory right?)" if path.name == "losses.csv" else ""
+        raise UsageError(f"no such file: {path}{hint}")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -84,9 +78,8 @@ def read_csv(path):
             values.append([float(row[i]) for i in index])
         except (ValueError, IndexError):
             if row:
-                print(
-                    f"warning: {path}: ignoring {'truncated last' if last else 'malformed'} line {n}", file=sys.stderr
-                )
+                what = "truncated last" if last else "malformed"
+                print(f"warning: {path}: ignoring {what} line {n}", file=sys.stderr)
     return dict(zip(COLUMNS, np.array(values).T)) if values else None
 
 
@@ -152,9 +145,9 @@ def main(argv=None):
     args = parse_args(argv)
     out = None
     try:
+        paths = [Path(run) / "losses.csv" if Path(run).is_dir() else Path(run) for run in args.runs]
         runs, empty = [], []
-        for run in args.runs:
-            path = csv_path(run)
+        for path in paths:
             name = str(path.parent if path.name == "losses.csv" else path)
             data = read_csv(path)
             if data is None:
@@ -166,12 +159,7 @@ def main(argv=None):
             raise UsageError(f"no rows yet in {', '.join(empty)}: nothing to plot")
         for path in empty:
             print(f"warning: {path}: no rows yet, skipped", file=sys.stderr)
-        if args.out:
-            out = Path(args.out)
-        elif len(args.runs) > 1:
-            out = Path("losses.png")
-        else:
-            out = csv_path(args.runs[0]).with_suffix(".png")
+        out = Path(args.out or ("losses.png" if len(paths) > 1 else paths[0].with_suffix(".png")))
         plot(runs, args, out)
     except UsageError as e:
         print(f"plot_losses.py: error: {e}", file=sys.stderr)

@@ -906,6 +906,27 @@ def test_jpeg_draft_matches_full_decode(zoo):
     assert np.abs(d.decode_image(path, 32).astype(int) - full).mean() < 6  # noise image: the hardest case
 
 
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_exif_orientation_turns_phone_photos_upright(tmp_path, orientation):
+    """Phones store a portrait photo sideways with an EXIF Orientation tag: 6, turn it 90 degrees clockwise to see it
+    upright; 8, counter-clockwise. Stored here: 400 x 240, red left half, blue right half (as a JPEG, decoded at 1/4
+    scale for 32 px). Upright, the red half is on top (6), at the bottom (8), or stays left (1, no turn)."""
+    stored = np.zeros((240, 400, 3), np.uint8)
+    stored[:, :200] = (255, 0, 0)
+    stored[:, 200:] = (0, 0, 255)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = orientation  # the Orientation tag
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    for ext in ("jpg", "png"):
+        img.save(tmp_path / f"photo.{ext}", exif=exif.tobytes(), quality=95)
+        x = d.decode_image(tmp_path / f"photo.{ext}", 32).astype(int)  # (3, 32, 32): channel, row, column
+        halves = {"top": x[:, :12], "bottom": x[:, -12:], "left": x[:, :, :12], "right": x[:, :, -12:]}
+        colour = {name: half.mean((1, 2)) for name, half in halves.items()}
+        first, second = {1: ("left", "right"), 6: ("top", "bottom"), 8: ("bottom", "top")}[orientation]
+        assert np.abs(colour[first] - red).max() < 30 and np.abs(colour[second] - blue).max() < 30, (ext, colour)
+
+
 def test_unreadable_files_skipped_counted_and_named(zoo, tmp_path, capsys):
     d.load_dataset(make_args(zoo[0], cache_dir=str(tmp_path)))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
@@ -924,9 +945,12 @@ def test_no_readable_image_is_an_error(zoo, tmp_path, capsys):
 
 @pytest.mark.parametrize("dataset", ["celeba", "celeba-hq"])
 def test_missing_data_says_where_and_how(tmp_path, capsys, dataset):
+    import dcgan_hires as h
+
+    script = d if dataset == "celeba" else h  # celeba-hq: dcgan_hires.py's
     for download in (False, True):
         with pytest.raises(SystemExit) as e:
-            d.load_dataset(make_args(tmp_path / "nowhere", dataset=dataset, download=download))
+            script.load_dataset(make_args(tmp_path / "nowhere", dataset=dataset, download=download))
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("error:") == 1 and "nowhere" in err and "--data" in err
         assert ("jessicali9530/celeba-dataset" if dataset == "celeba" else "lamsimon/celebahq") in err
@@ -1122,52 +1146,47 @@ def on_disk(tmp_path):
 
 
 def test_batch_source_order_resume_and_paths(on_disk, capsys):
+    """The same batches from the cache's memory map and from an array in memory: each image at most once per epoch,
+    the order a function of (seed, epoch) alone, a batch's images in index order, an epoch resumed mid-way exact."""
     data, mm = on_disk
-    args = make_args(None, batch_size=10, seed=3)
-    ram = d.BatchSource(mm, args, "cpu")
-    assert "host RAM" in capsys.readouterr().out and len(ram) == 100
-    disk = d.BatchSource(mm, make_args(None, batch_size=10, seed=3, data_memory=0), "cpu")  # 0 GB: stream
-    assert "streaming from" in capsys.readouterr().out and len(disk.data) == len(ram.data) == 1003
-    tensor = d.BatchSource(data, make_args(None, batch_size=10, seed=3, data_memory=1e-6), "cpu")  # no file: RAM
+    disk = d.BatchSource(mm, make_args(None, batch_size=10, seed=3), "cpu")
+    assert "batches: gathered from the cache file" in capsys.readouterr().out and len(disk) == 100
+    ram = d.BatchSource(data, make_args(None, batch_size=10, seed=3, data_memory=0), "cpu")
+    assert "batches: gathered from host memory" in capsys.readouterr().out and len(disk.data) == len(ram.data) == 1003
     for epoch in (0, 1):
-        batches = list(ram.epoch(epoch))
+        batches = list(disk.epoch(epoch))  # kept all at once: each batch is its own tensor
         seen = [i for b in batches for i in ids(b)]
         assert len(batches) == 100 and all(b.shape == (10, 3, 8, 8) and b.dtype == torch.uint8 for b in batches)
         assert len(set(seen)) == 1000 and set(seen) <= set(range(1003))  # each image at most once, 3 dropped
         order = torch.randperm(1003, generator=torch.Generator().manual_seed(3 * 100003 + epoch))[:1000]
-        assert seen == order.tolist()
-        for b, x in zip(batches, ram.epoch(epoch)):
-            torch.testing.assert_close(b, data[ids(x)])
-        for source in (disk, tensor):
-            assert all(torch.equal(x, y) for x, y in zip(batches, source.epoch(epoch), strict=True))
+        assert seen == order.view(100, 10).sort(dim=1).values.flatten().tolist()
+        assert all(torch.equal(b, data[ids(b)]) for b in batches)
+        assert all(torch.equal(x, y) for x, y in zip(batches, ram.epoch(epoch), strict=True))
         for source in (ram, disk):
             assert all(torch.equal(x, y) for x, y in zip(batches[37:], source.epoch(epoch, start=37), strict=True))
-    assert list(ram.epoch(0, start=100)) == []
+    assert list(disk.epoch(0, start=100)) == []
     assert all(torch.equal(x, y) for x, y in zip(disk.epoch(2), disk.epoch(2), strict=True))  # two at once
 
 
-def test_batch_source_stops_its_thread_and_passes_errors(on_disk, monkeypatch):
-    for memory in (None, 1e-6):
-        source = d.BatchSource(on_disk[1], make_args(None, batch_size=10, data_memory=memory), "cpu")
-        batches = source.epoch(0)
-        next(batches)
-        assert any(t.name == "batches" for t in threading.enumerate())
-        batches.close()  # as when training stops at --max-steps
-        assert not any(t.name == "batches" for t in threading.enumerate())
-    gather = d.BatchSource.gather
-
-    def failing(self, idx, out, disk=None):
-        if len(calls) == 5:
-            raise OSError("I/O error")
-        calls.append(1)
-        return gather(self, idx, out, disk)
-
-    calls = []
-    monkeypatch.setattr(d.BatchSource, "gather", failing)
-    with pytest.raises(OSError, match="I/O error"):
-        for _ in source.epoch(0):
-            pass
-    assert len(calls) == 5 and not any(t.name == "batches" for t in threading.enumerate())
+def test_batch_source_keeps_the_cache_it_opened(zoo, tmp_path):
+    """A run reads the cache it opened to its end, even when another run deletes that file (its source changed) or
+    renames a new one over it (it found the file damaged) meanwhile."""
+    folder = fresh_zoo(zoo, tmp_path)
+    data = d.load_dataset(make_args(folder))
+    source = d.BatchSource(data, make_args(None, batch_size=4), "cpu")
+    first = list(source.epoch(0))
+    shutil.copy(folder / "a/face_178x218.jpg", folder / "a/new.jpg")
+    assert len(d.load_dataset(make_args(folder))) == len(data) + 1  # another run: a new cache, this one deleted
+    assert not os.path.exists(data.filename)
+    assert all(torch.equal(x, y) for x, y in zip(first, source.epoch(0), strict=True))
+    assert len(list(source.epoch(1))) == len(source)
+    numbers = numbered(100)
+    np.save(tmp_path / "data.npy", numbers.numpy())
+    source = d.BatchSource(np.load(tmp_path / "data.npy", mmap_mode="r"), make_args(None, batch_size=10), "cpu")
+    assert all(torch.equal(b, numbers[ids(b)]) for b in source.epoch(0))
+    np.save(tmp_path / "new.npy", np.zeros_like(numbers.numpy()))
+    os.replace(tmp_path / "new.npy", tmp_path / "data.npy")  # as a rebuild does
+    assert all(torch.equal(b, numbers[ids(b)]) for epoch in (0, 1) for b in source.epoch(epoch))
 
 
 def test_batch_source_refuses_fewer_images_than_a_batch(capsys):
@@ -1620,35 +1639,39 @@ def test_hires_torchrun_refusals_are_clean(tmp_path):
     assert p.returncode != 0 and "--sync-bn needs CUDA GPUs" in p.stderr and not (tmp_path / "sync").exists()
 
 
-def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path):
+def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path, capsys):
     """Every rank draws the same permutation; at each step the ranks' batches together are the one-process batch of
-    world x batch_size images, from RAM or streamed from the file; a resume mid-epoch is exact per rank."""
+    world x batch_size images, from the cache's memory map or from memory; a resume mid-epoch is exact per rank."""
     import dcgan_hires as h
 
-    data = torch.zeros(203, 3, 2, 2, dtype=torch.uint8)
-    data[:, 0, 0, 0], data[:, 0, 0, 1] = torch.arange(203) % 256, torch.arange(203) // 256  # each row its number
+    data = numbered(203, size=2)
     np.save(tmp_path / "data.npy", data.numpy())
     mm = np.load(tmp_path / "data.npy", mmap_mode="r")
 
-    def args(batch_size, memory=None):
-        return SimpleNamespace(batch_size=batch_size, seed=5, data_memory=memory)
+    def args(batch_size):
+        return SimpleNamespace(batch_size=batch_size, seed=5, data_memory=None)
 
     whole = h.BatchSource(mm, args(20), "cpu")
-    ranks = [h.BatchSource(mm, args(5, memory), "cpu", rank, 4) for rank in range(4) for memory in (None, 0)]
-    assert len(whole) == 10 and all(len(r) == 10 for r in ranks) and ranks[1].file and not ranks[0].file
+    ranks = [h.BatchSource(source, args(5), "cpu", rank, 4) for rank in range(4) for source in (mm, data)]
+    assert len(whole) == 10 and all(len(r) == 10 for r in ranks)
     for epoch in (0, 3):
         for step, (batch, *parts) in enumerate(zip(whole.epoch(epoch), *(r.epoch(epoch) for r in ranks))):
-            assert torch.equal(torch.cat(parts[::2]), batch) and torch.equal(torch.cat(parts[1::2]), batch), step
+            assert torch.equal(torch.cat(parts[::2]), torch.cat(parts[1::2])), step  # memory map and memory agree
+            assert sorted(ids(torch.cat(parts[::2]))) == ids(batch), step
         for r in ranks:
             assert all(
                 torch.equal(x, y) for x, y in zip(list(r.epoch(epoch))[7:], r.epoch(epoch, start=7), strict=True)
             )
+    with pytest.raises(SystemExit):
+        h.BatchSource(mm, args(60), "cpu", 0, 4)
+    assert "fewer than --batch-size 60 times 4 processes" in capsys.readouterr().err
 
 
 def training_memory_mb(*args):
-    """Run dcgan_hires.py; -> (its output, its peak resident memory while it trains, in MB): the peak of VmRSS from
-    the moment it prints "training:" on. Not the peak over the whole run (ru_maxrss, VmHWM), which importing torch,
-    torchvision and the CUDA libraries sets, at about 800 MB here, whatever happens next."""
+    """Run dcgan_hires.py; -> (its output, the peak of the memory it owns while it trains, in MB): RssAnon, from the
+    moment it prints "training:" on. Not VmRSS, which also counts the pages of the memory-mapped cache file that the
+    OS keeps in its cache (reclaimable, not the process's), nor the peak over the whole run (VmHWM), which importing
+    torch sets."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / HIRES), *map(str, args)], cwd=ROOT, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
@@ -1667,7 +1690,7 @@ def training_memory_mb(*args):
         if training.is_set():
             try:
                 status = Path(f"/proc/{proc.pid}/status").read_text()
-                rss.append(int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024)
+                rss.append(int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) / 1024)
             except (OSError, AttributeError):  # the process ended between poll() and here
                 pass
         time.sleep(0.01)
@@ -1680,10 +1703,10 @@ def training_memory_mb(*args):
 @slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
 def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(tmp_path):
-    """--data-memory 0: batches are read from the cache file by a background thread into a few fresh buffers, not
-    through a memory map whose pages would stay resident: a whole epoch over an 8x larger cache (+164 MB) takes
-    no more memory than one over the small cache (measured here: -25 and -18 MB; +116 MB when the batches are
-    gathered through the memory map instead)."""
+    """--data-memory 0: batches are gathered from the cache file's memory map, whose pages are the OS's file cache,
+    not memory the process owns: a whole epoch over an 8x larger cache (+164 MB) takes no more of its own memory
+    (RssAnon) than one over the small cache (measured here: 444 and 451 MB; 447 and 627 MB when the cache is read
+    into memory instead)."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, 128, dtype=np.float32)
     for name, n in (("small", 500), ("large", 4000)):
@@ -1697,11 +1720,11 @@ def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(t
     peak = {}
     for name, steps in (("small", 20), ("large", 160)):  # one epoch each
         text, peak[name] = training_memory_mb("--data", tmp_path / name, *flags, "--out", tmp_path / f"{name}-run")
-        assert f"epoch 1/1  step {steps} " in text and "at most 4 batches of 1.2 MB in memory" in text, text
+        assert f"epoch 1/1  step {steps} " in text and "batches: gathered from the cache file" in text, text
     cache = {n: sum(f.stat().st_size for f in tmp_path.glob(f"{n}.128px.*.u8.npy")) / 2**20 for n in peak}
-    print(f"\ncaches {cache} MB; peak resident memory while training an epoch over them {peak} MB")
+    print(f"\ncaches {cache} MB; peak of the memory owned while training an epoch over them {peak} MB")
     assert cache["large"] - cache["small"] > 160
-    assert peak["large"] - peak["small"] < 0.3 * (cache["large"] - cache["small"]), (peak, cache)
+    assert peak["large"] - peak["small"] < 0.15 * (cache["large"] - cache["small"]), (peak, cache)
 
 
 def test_hires_256_model_is_under_50m_parameters_and_trains(tmp_path):
