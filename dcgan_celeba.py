@@ -20,6 +20,10 @@ Continue a run to 20 epochs in total, sample from it, walk its latent space:
 Inspect and measure:
     python dcgan_celeba.py --summary
     python dcgan_celeba.py --benchmark 50
+From Python:
+    from dcgan_celeba import load_generator
+    G = load_generator("runs/celeba64/checkpoint.pt")
+    images = G(torch.randn(16, G.nz, 1, 1))  # (16, 3, 64, 64) in [-1, 1]
 """
 
 import argparse
@@ -61,19 +65,15 @@ SCRIPT = "dcgan_celeba.py"
 DATASETS = ("celeba", "cifar10", "synthetic")
 SIZES = (32, 64)
 NC, MAX_MULT = 3, 8  # RGB; widest layer ngf*8 / ndf*8
-ARCH = ("nz", "ngf", "ndf", "size", "spectral_norm")  # arguments that shape the weights: --resume must keep them
-NOT_INHERITED = (
-    "out",
-    "resume",
-    "max_steps",
-    "dry_run",
-    "generate",
-    "checkpoint",
-    "interpolate",
-    "summary",
-    "benchmark",
-)
+ARCH = ("nz", "ngf", "ndf", "size", "g_act", "d_norm", "spectral_norm")  # they shape the networks: --resume keeps them
+# never taken from the checkpoint by --resume
+FRESH = ["out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark"]
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default of None is described in the help text itself
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number(kind, lo=None, hi=None):
@@ -89,16 +89,15 @@ def number(kind, lo=None, hi=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
-    )
+    """-> (args, checkpoint). With --resume the flags typed win and every other argument comes from the checkpoint."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", default="celeba", choices=DATASETS, help="celeba: any folder/zip of images")
     p.add_argument("--data", default=None, help="folder or .zip of images, or torchvision root (default ./data/celeba; "
                    "./data for cifar10)")  # fmt: skip
     p.add_argument("--size", type=int, default=64, choices=SIZES, help="image size (cifar10: 32)")
     p.add_argument("--crop", type=number(int, 1), default=None, help="centre crop of N pixels before resizing")
-    p.add_argument("--out", default=None, help="run directory (default runs/<dataset><size>)")
-    p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images only")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<dataset><size>)")
+    p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images (default: all)")
     p.add_argument("--download", action="store_true", help="try torchvision's CelebA download when --data is empty")
     p.add_argument("--cache-dir", default=None, help="where the uint8 cache goes (default: beside --data)")
     p.add_argument("--workers", type=number(int, 1), default=os.cpu_count(), help="processes decoding the images")
@@ -117,7 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=number(float, 0, 1), default=0.999, help="Adam beta2")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; same seed + device = same run")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (auto: "
+                   "bf16 where the GPU or CPU runs it natively, else fp16 on GPUs, off on CPUs)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile both networks")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower; exact reruns)")
     mode = p.add_mutually_exclusive_group()
@@ -126,14 +126,19 @@ def parse_args(argv=None):
     mode.add_argument("--interpolate", type=number(int, 2), metavar="K", help="latent walk, K frames per segment")
     mode.add_argument("--summary", action="store_true", help="print both networks layer by layer and exit")
     mode.add_argument("--benchmark", type=number(int, 1), metavar="N", help="time N training steps, no data/files")
-    p.add_argument("--checkpoint", default=None, help="for --generate/--interpolate (default <out>/checkpoint.pt)")
+    p.add_argument("--checkpoint", default=None, help="for --generate/--interpolate (default: <out>/checkpoint.pt)")
     p.add_argument("--sample-every", type=number(int, 0), default=0, help="extra fixed-noise grid every N steps")
     p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
     p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
-    tricks = p.add_argument_group("training tricks (all off by default)")
+    tricks = p.add_argument_group("architecture and training tricks (all off by default)")
+    tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
+    tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
+                        "unless --spectral-norm)")  # fmt: skip
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="real target 1-S")
-    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D inputs, to 0")
+    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D's inputs")
+    tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="instance noise "
+                        "annealed to 0 over the run, or constant")  # fmt: skip
     tricks.add_argument("--g-steps", type=number(int, 1), default=1, help="G updates per D update")
     tricks.add_argument("--d-optim", default="adam", choices=["adam", "sgd"], help="D optimizer (sgd: momentum 0.9)")
     tricks.add_argument("--spectral-norm", action="store_true", help="spectral norm on D's convolutions")
@@ -141,15 +146,20 @@ def parse_args(argv=None):
     tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
     tricks.add_argument("--ema", type=number(float, 0, 1), default=0.0, help="EMA decay of G's weights (0: off)")
     tricks.add_argument("--flip", action="store_true", help="random horizontal flip of real images")
-    args = p.parse_args(argv)
+    args, ck = p.parse_args(argv), None
+    out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
+    if args.resume:  # parse again with the run's arguments as defaults: what was typed wins
+        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        p.set_defaults(**{k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
+        args = p.parse_args(argv)
+        diff = [f"--{k.replace('_', '-')} {ck['args'][k]} (checkpoint) vs {getattr(args, k)}"
+                for k in ARCH if k in ck["args"] and ck["args"][k] != getattr(args, k)]  # fmt: skip
+        if diff:
+            die(f"--resume: architecture arguments differ from the checkpoint's: {'; '.join(diff)}")
     if args.dataset == "cifar10" and args.size != 32:
         p.error("--dataset cifar10 is 32x32: add --size 32")
-    args.data = args.data or ("./data" if args.dataset == "cifar10" else "./data/celeba")
-    args.out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
-    # the flags typed on the command line: with --resume, every other argument comes from the checkpoint
-    typed = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
-    args.given = sorted(a.dest for a in p._actions if set(a.option_strings) & set(typed))
-    return args
+    args.out, args.data = out, args.data or ("./data" if args.dataset == "cifar10" else "./data/celeba")
+    return args, ck
 
 
 def die(msg, code=2):
@@ -158,7 +168,7 @@ def die(msg, code=2):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models
+# The DCGAN: networks and training step
 
 
 def weights_init(m):
@@ -177,21 +187,23 @@ def widths(size):
 
 
 class Generator(nn.Module):
-    def __init__(self, nz=100, ngf=64, nc=NC, size=64):
+    def __init__(self, nz=100, ngf=64, nc=NC, size=64, act="relu"):
         super().__init__()
-        m = widths(size)
+        self.nz, m = nz, widths(size)
+        # ReLU as in the paper; LeakyReLU(0.2) as in the TensorFlow DCGAN tutorial (--g-act leaky)
+        relu = nn.ReLU if act == "relu" else lambda inplace: nn.LeakyReLU(0.2, inplace)
         layers = [
             # input: nz x 1 x 1
             nn.ConvTranspose2d(nz, ngf * m[0], 4, 1, 0, bias=False),
             nn.BatchNorm2d(ngf * m[0]),
-            nn.ReLU(True),
+            relu(True),
             # state size: (ngf*8) x 4 x 4 at --size 64
         ]
         for a, b in itertools.pairwise(m):
             layers += [
                 nn.ConvTranspose2d(ngf * a, ngf * b, 4, 2, 1, bias=False),
                 nn.BatchNorm2d(ngf * b),
-                nn.ReLU(True),
+                relu(True),
             ]  # state size: (ngf*a) x s x s -> (ngf*b) x 2s x 2s; at 64: 8x8, 16x16, 32x32
         layers += [
             nn.ConvTranspose2d(ngf * m[-1], nc, 4, 2, 1, bias=False),
@@ -206,12 +218,12 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0):
+    def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0, batch_norm=True):
         super().__init__()
-        # spectral norm replaces BatchNorm in D (Miyato et al. 2018, https://arxiv.org/abs/1802.05957)
+        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm off with it unless --d-norm batch
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
-        norm = (lambda c: nn.Identity()) if spectral_norm else nn.BatchNorm2d
-        # spatial dropout in D, as in seed 003
+        norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
+        # spatial dropout in D, as in the PyTorch CelebA notebook with spectral norm
         drop = (lambda: nn.Dropout2d(dropout)) if dropout else nn.Identity
         m = widths(size)[::-1]
         layers = [
@@ -240,14 +252,14 @@ class Discriminator(nn.Module):
 
 
 def build(args, device, amp):
-    """Networks, EMA copy, optimizers and grad scaler: everything a checkpoint holds."""
-    G = Generator(args.nz, args.ngf, NC, args.size).to(device, memory_format=torch.channels_last)
-    D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout).to(
-        device, memory_format=torch.channels_last
-    )
+    """Networks, EMA copy, optimizers and grad scalers: everything a checkpoint holds."""
+    G = Generator(args.nz, args.ngf, NC, args.size, args.g_act).to(device, memory_format=torch.channels_last)
+    batch_norm = args.d_norm == "batch" or (args.d_norm == "auto" and not args.spectral_norm)
+    D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout, batch_norm)
+    D = D.to(device, memory_format=torch.channels_last)
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole Adam update
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
-    if args.d_optim == "sgd":  # SGD with momentum for D, as in seed 004 and ganhacks
+    if args.d_optim == "sgd":  # SGD with momentum for D, as in ganhacks
         opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)
     else:
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
@@ -257,7 +269,8 @@ def build(args, device, amp):
     net_g, net_d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     return SimpleNamespace(
         G=G, D=D, net_g=net_g, net_d=net_d, ema=ema, opt_g=opt_g, opt_d=opt_d,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        scaler_d=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # one per optimizer
+        scaler_g=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
         autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
     )  # fmt: skip
 
@@ -267,14 +280,28 @@ def noisy(x, sigma):
     return x + sigma * torch.randn_like(x) if sigma else x
 
 
-def optimizer_step(opt, net, scaler, clip):
+def optimizer_step(opt, net, scaler, loss, clip):
+    """Backward and step; with fp16 through the optimizer's own GradScaler, updated after each of its steps."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
     if clip:
         scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(net.parameters(), clip)  # foreach norm on the device, no sync
     scaler.step(opt)
+    scaler.update()
 
 
-def train_step(m, real, args, sigma):
+@torch.no_grad()
+def update_ema(ema, G, decay):
+    """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
+    for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
+        if e.is_floating_point():
+            e.lerp_(g, 1 - decay)
+        else:  # BatchNorm's num_batches_tracked
+            e.copy_(g)
+
+
+def train_step(m, real, args, sigma, step):
     """One D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as a device tensor."""
     # no .item() in here: it would make the CPU wait for the GPU every step
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
@@ -283,35 +310,28 @@ def train_step(m, real, args, sigma):
     ############################
     with m.autocast():
         fake = m.net_g(z)
-        out_real = m.net_d(noisy(real, sigma))
-        out_fake = m.net_d(noisy(fake.detach(), sigma))
-        # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498)
-        loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
-        loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
-    m.opt_d.zero_grad(set_to_none=True)
-    m.scaler.scale(loss_d).backward()
-    optimizer_step(m.opt_d, m.D, m.scaler, args.clip_grad)
+        out_real = m.net_d(noisy(real, sigma)).float()  # logits; targets and losses in float32
+        out_fake = m.net_d(noisy(fake.detach(), sigma)).float()
+    # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498): real target 1 - S
+    loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
+    loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+    optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d, args.clip_grad)
     ############################
     # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
     ############################
     m.D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
     for k in range(args.g_steps):
         with m.autocast():
-            if k:  # extra G steps (seeds 000 and 001) draw fresh noise
+            if k:  # extra G steps draw fresh noise
                 fake = m.net_g(torch.randn_like(z))
-            out = m.net_d(noisy(fake, sigma))
-            loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-        m.opt_g.zero_grad(set_to_none=True)
-        m.scaler.scale(loss_g).backward()
-        optimizer_step(m.opt_g, m.G, m.scaler, args.clip_grad)
-        if m.ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(m.ema.parameters()), list(m.G.parameters()), 1 - args.ema)
-                torch._foreach_copy_(list(m.ema.buffers()), list(m.G.buffers()))
+            out = m.net_d(noisy(fake, sigma)).float()
+        loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        optimizer_step(m.opt_g, m.G, m.scaler_g, loss_g, args.clip_grad)
+        if m.ema is not None:  # warm-up: early on the average must not be mostly the random initialisation
+            update_ema(m.ema, m.G, min(args.ema, (1 + step) / (10 + step)))
     m.D.requires_grad_(True)
-    m.scaler.update()
-    probs = torch.stack([out_real.float().sigmoid().mean(), out_fake.float().sigmoid().mean()])
-    return torch.cat([torch.stack([loss_d, loss_g]).detach().float(), probs.detach()])
+    probs = torch.stack([out_real.sigmoid().mean(), out_fake.sigmoid().mean()])
+    return torch.cat([torch.stack([loss_d, loss_g]), probs]).detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -751,14 +771,15 @@ def sample(m, fixed_noise):
 def save_checkpoint(path, m, step, steps_per_epoch, args, fixed_noise):
     ck = {
         "script": SCRIPT, "generator": m.G.state_dict(), "discriminator": m.D.state_dict(),
-        "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(), "scaler": m.scaler.state_dict(),
-        "step": step, "epoch": step // steps_per_epoch, "args": {k: v for k, v in vars(args).items() if k != "given"},
+        "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(),
+        "scaler_g": m.scaler_g.state_dict(), "scaler_d": m.scaler_d.state_dict(),
+        "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
         "fixed_noise": fixed_noise.cpu(), "rng_cpu": torch.get_rng_state(),
     }  # fmt: skip
     if m.ema is not None:
         ck["ema"] = m.ema.state_dict()
-    if torch.cuda.is_available() and fixed_noise.is_cuda:
-        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    if fixed_noise.is_cuda:
+        ck["rng_cuda"] = torch.cuda.get_rng_state(fixed_noise.device)
     atomic_write(path, lambda f: torch.save(ck, f), sync=True)
 
 
@@ -770,12 +791,10 @@ def load_checkpoint(path):
         with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: one message is enough
             warnings.simplefilter("ignore")
             ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # the pickle names a function or class to call
-            code = str(e).split("GLOBAL ")[1].split()[0]
-            die(f"{path} holds objects other than plain data ({code}); refused, nothing in it was executed")
-        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint (unpickling failed)")
-    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file)
+    except Exception as e:  # noqa: BLE001 (code in the pickle, truncated zip, random bytes, empty file)
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL " in str(e):  # it names a function or class to call
+            die(f"{path} holds objects other than plain data ({str(e).split('GLOBAL ')[1].split()[0]}); refused, "
+                "nothing in it was executed")  # fmt: skip
         die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
@@ -784,39 +803,50 @@ def load_checkpoint(path):
 
 
 def restore(m, ck, args, device):
-    """Put a checkpoint's weights, optimizer, scaler and RNG states back; returns (step, fixed_noise)."""
-    for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
-        net.load_state_dict(ck[key])
-    for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):  # the command line's learning rates win
+    """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
+    The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
+    m.G.load_state_dict(ck["generator"])
+    m.D.load_state_dict(ck["discriminator"])
+    m.opt_g.load_state_dict(ck["opt_g"])
+    if ck["args"].get("d_optim", "adam") == args.d_optim:
+        m.opt_d.load_state_dict(ck["opt_d"])
+    else:
+        print(f"resume: --d-optim {args.d_optim}: D's optimizer starts afresh (the run used {ck['args']['d_optim']})")
+    for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):
         for group in opt.param_groups:
             group["lr"] = lr
+            if "betas" in group:
+                group["betas"] = (args.beta1, args.beta2)
     if m.ema is not None:
         m.ema.load_state_dict(ck.get("ema") or ck["generator"])
-    m.scaler.load_state_dict(ck["scaler"])
+    for scaler, key in ((m.scaler_g, "scaler_g"), (m.scaler_d, "scaler_d")):
+        if scaler.is_enabled() and ck.get(key):  # a run that was not fp16 has no scale yet: start from the default
+            scaler.load_state_dict(ck[key])
     torch.set_rng_state(ck["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ck:
-        torch.cuda.set_rng_state(ck["rng_cuda"])
+        torch.cuda.set_rng_state(ck["rng_cuda"], device)
     return ck["step"], ck["fixed_noise"].to(device)
 
 
-def generator_from(ck, device):
-    """The generator a checkpoint describes, with the EMA weights when it has them."""
-    G = Generator(ck["args"]["nz"], ck["args"]["ngf"], NC, ck["args"]["size"]).to(device)
+def load_generator(path, device="cpu"):
+    """The generator a checkpoint describes, with its EMA weights when it has them, in eval mode on `device`."""
+    ck = load_checkpoint(path)
+    a = ck["args"]
+    G = Generator(a["nz"], a["ngf"], NC, a["size"], a.get("g_act", "relu"))
     G.load_state_dict(ck.get("ema") or ck["generator"])
-    return G.eval()
+    return G.to(device).eval()
 
 
 class Log:
     """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps."""
 
     def __init__(self, args, device, step):
-        self.path, self.out, self.n, self.rows, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, [], step
+        self.path, self.out, self.n, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, step
+        kept = []
         if os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
             with open(self.path, newline="") as f:
                 kept = [r for r in list(csv.reader(f))[1:] if len(r) >= 6 and r[0].isdigit() and int(r[0]) <= step]
-            atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS] + kept).encode()))
-        else:
-            atomic_write(self.path, lambda f: f.write((",".join(COLUMNS) + "\n").encode()))
+        atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS, *kept]).encode()))
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 (open for the whole run)
         self.buf = torch.zeros(args.log_every, 4, device=device)
         self.tb = None
@@ -834,28 +864,37 @@ class Log:
     def flush(self, step, epoch):
         """Write the buffered rows and return the last; stop the run at the first non-finite one."""
         values, self.n = self.buf[: self.n].tolist(), 0
-        first, finite = step - len(values) + 1, list(itertools.takewhile(lambda v: all(np.isfinite(v)), values))
+        first, finite = step - len(values) + 1, []
+        for v in values:
+            if not all(map(math.isfinite, v)):
+                break
+            finite.append(v)
         try:  # the disk write happens at flush(): both belong in the try
-            self.file.write("".join(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n"
-                                    for i, v in enumerate(finite)))  # fmt: skip
+            for i, v in enumerate(finite):
+                self.file.write(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
             self.file.flush()
         except OSError as e:
             die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
         for i, v in enumerate(finite if self.tb else []):
             for name, x in zip(COLUMNS[2:], v):
                 self.tb.add_scalar(name, x, first + i)
-        self.rows += finite
         if len(finite) < len(values):
             self.diverged(f"the losses at step {first + len(finite)}")
-        return self.rows[-1]
+        return finite[-1]
 
     def diverged(self, what):
         die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
             f"kept in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
 
-    def epoch_means(self):
-        means, self.rows = np.mean(self.rows, axis=0) if self.rows else [float("nan")] * 4, []
-        return "  ".join(f"{k} {v:.3f}" for k, v in zip(("loss_d", "loss_g", "D(x)", "D(G(z))"), means))
+
+def resolve_amp(amp, device):
+    """--amp auto: bf16 where the hardware runs it natively, else fp16 with GradScaler on GPUs, off on CPUs."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":  # T4/V100-class GPUs emulate bf16, slowly: fp16 there
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    return "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
 
 
 def setup(args):
@@ -872,76 +911,49 @@ def setup(args):
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not args.deterministic  # fixed shapes: let cuDNN time its kernels once
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
-    amp = args.amp
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # bf16 pays on a CPU only where it has bf16 instructions (AVX512-BF16 or AMX)
-            cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
-            amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
+    amp = resolve_amp(args.amp, device)
     print(f"seed: {args.seed}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"amp: {amp}")
     return device, amp
 
 
-def prepare_run(args):
-    """Refuse to overwrite a run; with --resume, load its checkpoint and take its arguments."""
-    path = os.path.join(args.out, "checkpoint.pt")
-    if not args.resume:
-        if any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")):
-            die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
-        return None
-    ck = load_checkpoint(path)
-    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # from a run killed in the middle of a write
-        leftover.unlink()
-    diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
-            for k in ARCH if k in args.given and ck["args"].get(k) != getattr(args, k)]  # fmt: skip
-    if diff:
-        die(f"--resume: architecture arguments differ from the checkpoint's: {'; '.join(diff)}")
-    for k, v in ck["args"].items():
-        if k in vars(args) and k not in args.given and k not in NOT_INHERITED:
-            setattr(args, k, v)
-    return ck
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def train(args):
-    ck = prepare_run(args)
+def train(args, ck=None):
+    if not ck and any(
+        os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")
+    ):
+        die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
     device, amp = setup(args)
-    created = not os.path.exists(args.out)
-    try:  # before the data, which may take long to prepare: an unwritable --out is refused at once
+    batches = BatchSource(load_dataset(args), args, device)
+    try:  # after the data: a run stopped while its data loads leaves no run directory behind
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     except OSError as e:
         die(f"cannot create --out {args.out}: {e.strerror}", 1)
-    try:
-        batches = BatchSource(load_dataset(args), args, device)
-    except (SystemExit, KeyboardInterrupt):  # no data: leave no empty run directory behind
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(args.out, "samples"))
-            if created:
-                os.rmdir(args.out)
-        raise
+    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # what a killed run left half-written
+        leftover.unlink(missing_ok=True)
     m = build(args, device, amp)
     steps_per_epoch = len(batches)
     total = 1 if args.dry_run else min(args.max_steps or 1 << 62, args.epochs * steps_per_epoch)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if ck:
+        if ck.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:  # the epochs and data order would shift
+            die(f"--resume: an epoch is {steps_per_epoch} steps here but {ck['steps_per_epoch']} in the run: "
+                "keep its --batch-size, --max-images and --data")  # fmt: skip
         step, fixed_noise = restore(m, ck, args, device)
         print(f"resume: step {step} (epoch {step // steps_per_epoch}) from {ckpt_path}")
     else:
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        with contextlib.closing(batches.epoch(0)) as first:  # 64 images, whatever the batch size
-            real = torch.cat(list(itertools.islice(first, -(-64 // args.batch_size))))
+        real = torch.cat(list(itertools.islice(batches.epoch(0), -(-64 // args.batch_size))))  # 64, whatever the batch
         real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
         save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
-    config = {k: v for k, v in vars(args).items() if k != "given"} | {
+    config = vars(args) | {
         "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -953,24 +965,31 @@ def train(args):
         print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
         return
     stop = []  # the signal that asked us to stop: the step in flight finishes, then everything is saved
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL)))
+        signal.signal(s, on_signal)
     print(f"training: {total - step} steps to go, {steps_per_epoch} per epoch, batch {args.batch_size}, out {args.out}")
     while step < total and not stop:
         epoch, t0, start = step // steps_per_epoch, time.time(), step
         bar = tqdm(total=steps_per_epoch * args.batch_size, initial=(step % steps_per_epoch) * args.batch_size,
                    unit="img", unit_scale=True, desc=f"epoch {epoch + 1}", disable=None, leave=False)  # fmt: skip
         for real in batches.epoch(epoch, step % steps_per_epoch):
-            # instance noise anneals to 0 over the planned run, whatever --max-steps says
-            sigma = args.instance_noise * max(0.0, 1 - step / (args.epochs * steps_per_epoch))
-            log.add(train_step(m, preprocess(real, args), args, sigma))
+            sigma = args.instance_noise  # annealed to 0 over the planned run, whatever --max-steps says
+            if args.noise_schedule == "anneal":
+                sigma *= max(0.0, 1 - step / (args.epochs * steps_per_epoch))
+            log.add(train_step(m, preprocess(real, args), args, sigma, step))
             step += 1
             bar.update(args.batch_size)
             epoch_end, last = step % steps_per_epoch == 0, step >= total or bool(stop)
             save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
             if log.n == args.log_every or save:
                 r = log.flush(step, epoch + 1)  # the one host-device sync per --log-every steps
-                bar.set_postfix_str(f"loss_d {r[0]:.3f} loss_g {r[1]:.3f} D(x) {r[2]:.2f} D(G(z)) {r[3]:.2f}")
+                stats = f"loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.2f}  D(G(z)) {r[3]:.2f}"
+                bar.set_postfix_str(stats)
             if args.sample_every and step % args.sample_every == 0:
                 save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
             if epoch_end or last:
@@ -979,8 +998,8 @@ def train(args):
                 if log.tb:
                     log.tb.add_images("samples", to_uint8(images), step)
             if save:
-                weights = [p.detach() for p in (*m.G.parameters(), *m.D.parameters())]
-                if not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
+                norms = torch.stack([p.detach().norm() for p in (*m.G.parameters(), *m.D.parameters())])
+                if not torch.isfinite(norms).all():
                     log.diverged(f"weights at step {step}")
                 save_checkpoint(ckpt_path, m, step, steps_per_epoch, args, fixed_noise)
                 log.saved = step
@@ -988,7 +1007,7 @@ def train(args):
                 break
         bar.close()
         dt = time.time() - t0
-        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {log.epoch_means()}  "
+        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {stats}  "
               f"{(step - start) * args.batch_size / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
     if stop:
         name = signal.Signals(stop[0]).name
@@ -1004,18 +1023,17 @@ def train(args):
 
 def generate(args):
     device, _ = setup(args)
-    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
+    G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
     folder = os.path.join(args.out, "generated")
     os.makedirs(folder, exist_ok=True)
     images = []
     with torch.no_grad():
         for i in range(0, args.generate, 256):
-            z = torch.randn(min(256, args.generate - i), G.main[0].in_channels, 1, 1, device=device)
-            images.append(to_uint8(G(z)))
+            images.append(to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device))))
     images = torch.cat(images)
     for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
         save_png(img, os.path.join(folder, f"{i:06d}.png"))
-    save_png(make_grid(images[:64], nrow=8, padding=2)[:NC], os.path.join(folder, "grid.png"))
+    save_png(make_grid(images[:64], nrow=8, padding=2)[: images.size(1)], os.path.join(folder, "grid.png"))
     print(f"wrote {len(images)} images and grid.png to {folder}")
 
 
@@ -1029,13 +1047,14 @@ def interpolate(args):
     import imageio.v3 as iio
 
     device, _ = setup(args)
-    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
-    keys = torch.randn(4, 16, G.main[0].in_channels, device=device)  # 16 walks through 4 points and back
+    G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
+    keys = torch.randn(4, 16, G.nz, device=device)  # 16 walks through 4 points and back
     frames = []
     with torch.no_grad():
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
-                grid = make_grid(to_uint8(G(slerp(a, b, t)[..., None, None])), nrow=4, padding=2)[:NC]
+                images = to_uint8(G(slerp(a, b, t)[..., None, None]))
+                grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
                 frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     os.makedirs(args.out, exist_ok=True)
@@ -1044,10 +1063,9 @@ def interpolate(args):
 
 
 def summary(args):
-    nets = (("Generator", Generator(args.nz, args.ngf, NC, args.size), torch.zeros(1, args.nz, 1, 1)),
-            ("Discriminator", Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout),
-             torch.zeros(1, NC, args.size, args.size)))  # fmt: skip
-    for name, net, x in nets:
+    m = build(args, torch.device("cpu"), "off")
+    x = torch.zeros(1, args.nz, 1, 1)  # through G, then its image through D
+    for name, net in (("Generator", m.G), ("Discriminator", m.D)):
         print(f"{name}\n  {'layer':<34}{'output shape':>20}{'parameters':>14}")
         with torch.no_grad():
             for i, layer in enumerate(net.eval().main):
@@ -1062,20 +1080,19 @@ def benchmark(args):
 
     device, amp = setup(args)
     m = build(args, device, amp)
-    real = preprocess(
-        torch.randint(0, 256, (args.batch_size, NC, args.size, args.size), dtype=torch.uint8, device=device), args
-    )
+    shape = (args.batch_size, NC, args.size, args.size)
+    real = preprocess(torch.randint(0, 256, shape, dtype=torch.uint8, device=device), args)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
         m.net_g, m.net_d, compiled = m.G, m.D, (m.net_g, m.net_d)
-        train_step(m, real, args, 0.0)
+        train_step(m, real, args, 0.0, 0)
     m.net_g, m.net_d = compiled
-    for _ in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
-        train_step(m, real, args, 0.0)
+    for step in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
+        train_step(m, real, args, 0.0, step)
     sync()
     t0 = time.perf_counter()
-    for _ in range(args.benchmark):
-        train_step(m, real, args, 0.0)
+    for step in range(args.benchmark):
+        train_step(m, real, args, 0.0, step)
     sync()
     dt = time.perf_counter() - t0
     flops = counter.get_total_flops()
@@ -1085,10 +1102,12 @@ def benchmark(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    mode = next((f for f in (summary, benchmark, generate, interpolate) if getattr(args, f.__name__)), train)
+    args, ck = parse_args(argv)
     try:
-        mode(args)
+        for mode in (summary, benchmark, generate, interpolate):
+            if getattr(args, mode.__name__):
+                return mode(args)
+        train(args, ck)
     except KeyboardInterrupt:  # before training started (data loading): nothing half-written to clean up
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -27,6 +27,10 @@ Continue a run to 20 epochs in total (under torchrun too), sample from it, walk 
 Inspect and measure:
     python dcgan_hires.py --summary --size 256
     python dcgan_hires.py --benchmark 20 --size 256
+From Python:
+    from dcgan_hires import load_generator
+    G = load_generator("runs/celeba128/checkpoint.pt")
+    images = G(torch.randn(16, G.nz, 1, 1))  # (16, 3, 128, 128) in [-1, 1]
 """
 
 import argparse
@@ -76,19 +80,15 @@ NC, MAX_MULT = 3, 8  # RGB; widest layer ngf*8 / ndf*8: 23M parameters in all at
 RANK = int(os.environ.get("RANK", "0"))  # this process among all
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process on its machine: the GPU it drives
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # processes in all
-ARCH = ("nz", "ngf", "ndf", "size", "spectral_norm")  # arguments that shape the weights: --resume must keep them
-NOT_INHERITED = (
-    "out",
-    "resume",
-    "max_steps",
-    "dry_run",
-    "generate",
-    "checkpoint",
-    "interpolate",
-    "summary",
-    "benchmark",
-)
+ARCH = ("nz", "ngf", "ndf", "size", "g_act", "d_norm", "spectral_norm")  # they shape the networks: --resume keeps them
+# never taken from the checkpoint by --resume
+FRESH = ["out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark"]
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default of None is described in the help text itself
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number(kind, lo=None, hi=None):
@@ -104,16 +104,15 @@ def number(kind, lo=None, hi=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
-    )
+    """-> (args, checkpoint). With --resume the flags typed win and every other argument comes from the checkpoint."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", default="celeba", choices=DATASETS, help="celeba, celeba-hq: any folder/zip of images")
     p.add_argument("--data", default=None, help="folder or .zip of images, or torchvision CelebA root "
                    "(default ./data/<dataset>)")  # fmt: skip
     p.add_argument("--size", type=int, default=128, choices=SIZES, help="image size")
     p.add_argument("--crop", type=number(int, 1), default=None, help="centre crop of N pixels before resizing")
-    p.add_argument("--out", default=None, help="run directory (default runs/<dataset><size>)")
-    p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images only")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<dataset><size>)")
+    p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images (default: all)")
     p.add_argument("--download", action="store_true", help="celeba: try torchvision's download if --data is empty")
     p.add_argument("--cache-dir", default=None, help="where the uint8 cache goes (default: beside --data)")
     p.add_argument("--workers", type=number(int, 1), default=os.cpu_count(), help="processes decoding the images")
@@ -132,7 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=number(float, 0, 1), default=0.999, help="Adam beta2")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; same seed + device = same run")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (auto: "
+                   "bf16 where the GPU or CPU runs it natively, else fp16 on GPUs, off on CPUs)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile both networks")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower; exact reruns)")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm over the global batch")
@@ -142,14 +142,21 @@ def parse_args(argv=None):
     mode.add_argument("--interpolate", type=number(int, 2), metavar="K", help="latent walk, K frames per segment")
     mode.add_argument("--summary", action="store_true", help="print both networks layer by layer and exit")
     mode.add_argument("--benchmark", type=number(int, 1), metavar="N", help="time N training steps, no data/files")
-    p.add_argument("--checkpoint", default=None, help="for --generate/--interpolate (default <out>/checkpoint.pt)")
+    p.add_argument("--checkpoint", default=None, help="for --generate/--interpolate (default: <out>/checkpoint.pt)")
     p.add_argument("--sample-every", type=number(int, 0), default=0, help="extra fixed-noise grid every N steps")
     p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
     p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
-    tricks = p.add_argument_group("training tricks (spectral norm, label smoothing and EMA on by default)")
+    tricks = p.add_argument_group(
+        "architecture and training tricks (spectral norm, label smoothing and EMA on by default)"
+    )
+    tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
+    tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
+                        "unless --spectral-norm)")  # fmt: skip
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="real target 1-S")
-    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D inputs, to 0")
+    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D's inputs")
+    tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="instance noise "
+                        "annealed to 0 over the run, or constant")  # fmt: skip
     tricks.add_argument("--g-steps", type=number(int, 1), default=1, help="G updates per D update")
     tricks.add_argument("--d-optim", default="adam", choices=["adam", "sgd"], help="D optimizer (sgd: momentum 0.9)")
     tricks.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=True,
@@ -158,13 +165,18 @@ def parse_args(argv=None):
     tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
     tricks.add_argument("--ema", type=number(float, 0, 1), default=0.999, help="EMA decay of G's weights (0: off)")
     tricks.add_argument("--flip", action="store_true", help="random horizontal flip of real images")
-    args = p.parse_args(argv)
-    args.data = args.data or os.path.join("./data", args.dataset)
-    args.out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
-    # the flags typed on the command line: with --resume, every other argument comes from the checkpoint
-    typed = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
-    args.given = sorted(a.dest for a in p._actions if set(a.option_strings) & set(typed))
-    return args
+    args, ck = p.parse_args(argv), None
+    out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
+    if args.resume:  # parse again with the run's arguments as defaults: what was typed wins
+        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        p.set_defaults(**{k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
+        args = p.parse_args(argv)
+        diff = [f"--{k.replace('_', '-')} {ck['args'][k]} (checkpoint) vs {getattr(args, k)}"
+                for k in ARCH if k in ck["args"] and ck["args"][k] != getattr(args, k)]  # fmt: skip
+        if diff:
+            die(f"--resume: architecture arguments differ from the checkpoint's: {'; '.join(diff)}")
+    args.out, args.data = out, args.data or os.path.join("./data", args.dataset)
+    return args, ck
 
 
 def die(msg, code=2):
@@ -173,7 +185,7 @@ def die(msg, code=2):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models
+# The DCGAN: networks and training step
 
 
 def weights_init(m):
@@ -192,21 +204,23 @@ def widths(size):
 
 
 class Generator(nn.Module):
-    def __init__(self, nz=100, ngf=64, nc=NC, size=64):
+    def __init__(self, nz=100, ngf=64, nc=NC, size=64, act="relu"):
         super().__init__()
-        m = widths(size)
+        self.nz, m = nz, widths(size)
+        # ReLU as in the paper; LeakyReLU(0.2) as in the TensorFlow DCGAN tutorial (--g-act leaky)
+        relu = nn.ReLU if act == "relu" else lambda inplace: nn.LeakyReLU(0.2, inplace)
         layers = [
             # input: nz x 1 x 1
             nn.ConvTranspose2d(nz, ngf * m[0], 4, 1, 0, bias=False),
             nn.BatchNorm2d(ngf * m[0]),
-            nn.ReLU(True),
+            relu(True),
             # state size: (ngf*8) x 4 x 4
         ]
         for a, b in itertools.pairwise(m):
             layers += [
                 nn.ConvTranspose2d(ngf * a, ngf * b, 4, 2, 1, bias=False),
                 nn.BatchNorm2d(ngf * b),
-                nn.ReLU(True),
+                relu(True),
             ]  # state size: (ngf*a) x s x s -> (ngf*b) x 2s x 2s; at 128: 8x8 (ngf*8), 16x16 (ngf*4) ... 64x64 (ngf)
         layers += [
             nn.ConvTranspose2d(ngf * m[-1], nc, 4, 2, 1, bias=False),
@@ -221,12 +235,12 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0):
+    def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0, batch_norm=True):
         super().__init__()
-        # spectral norm replaces BatchNorm in D (Miyato et al. 2018, https://arxiv.org/abs/1802.05957)
+        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm off with it unless --d-norm batch
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
-        norm = (lambda c: nn.Identity()) if spectral_norm else nn.BatchNorm2d
-        # spatial dropout in D, as in seed 003
+        norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
+        # spatial dropout in D, as in the PyTorch CelebA notebook with spectral norm
         drop = (lambda: nn.Dropout2d(dropout)) if dropout else nn.Identity
         m = widths(size)[::-1]
         layers = [
@@ -255,16 +269,16 @@ class Discriminator(nn.Module):
 
 
 def build(args, device, amp):
-    """Networks, EMA copy, optimizers and grad scaler: everything a checkpoint holds."""
-    G = Generator(args.nz, args.ngf, NC, args.size).to(device, memory_format=torch.channels_last)
-    D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout).to(
-        device, memory_format=torch.channels_last
-    )
+    """Networks, EMA copy, optimizers and grad scalers: everything a checkpoint holds."""
+    G = Generator(args.nz, args.ngf, NC, args.size, args.g_act).to(device, memory_format=torch.channels_last)
+    batch_norm = args.d_norm == "batch" or (args.d_norm == "auto" and not args.spectral_norm)
+    D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout, batch_norm)
+    D = D.to(device, memory_format=torch.channels_last)
     if WORLD > 1 and args.sync_bn:  # BatchNorm statistics over the global batch, not over each rank's part of it
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole Adam update
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
-    if args.d_optim == "sgd":  # SGD with momentum for D, as in seed 004 and ganhacks
+    if args.d_optim == "sgd":  # SGD with momentum for D, as in ganhacks
         opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)
     else:
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
@@ -277,7 +291,8 @@ def build(args, device, amp):
         net_g, net_d = DDP(net_g, device_ids=ids), DDP(net_d, device_ids=ids)
     return SimpleNamespace(
         G=G, D=D, net_g=net_g, net_d=net_d, ema=ema, opt_g=opt_g, opt_d=opt_d,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        scaler_d=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # one per optimizer
+        scaler_g=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
         autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
     )  # fmt: skip
 
@@ -287,14 +302,28 @@ def noisy(x, sigma):
     return x + sigma * torch.randn_like(x) if sigma else x
 
 
-def optimizer_step(opt, net, scaler, clip):
+def optimizer_step(opt, net, scaler, loss, clip):
+    """Backward and step; with fp16 through the optimizer's own GradScaler, updated after each of its steps."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
     if clip:
         scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(net.parameters(), clip)  # foreach norm on the device, no sync
     scaler.step(opt)
+    scaler.update()
 
 
-def train_step(m, real, args, sigma):
+@torch.no_grad()
+def update_ema(ema, G, decay):
+    """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
+    for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
+        if e.is_floating_point():
+            e.lerp_(g, 1 - decay)
+        else:  # BatchNorm's num_batches_tracked
+            e.copy_(g)
+
+
+def train_step(m, real, args, sigma, step):
     """One D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as a device tensor."""
     # no .item() in here: it would make the CPU wait for the GPU every step
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
@@ -303,35 +332,28 @@ def train_step(m, real, args, sigma):
     ############################
     with m.autocast():
         fake = m.net_g(z)
-        out_real = m.net_d(noisy(real, sigma))
-        out_fake = m.net_d(noisy(fake.detach(), sigma))
-        # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498)
-        loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
-        loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
-    m.opt_d.zero_grad(set_to_none=True)
-    m.scaler.scale(loss_d).backward()
-    optimizer_step(m.opt_d, m.D, m.scaler, args.clip_grad)
+        out_real = m.net_d(noisy(real, sigma)).float()  # logits; targets and losses in float32
+        out_fake = m.net_d(noisy(fake.detach(), sigma)).float()
+    # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498): real target 1 - S
+    loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
+    loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+    optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d, args.clip_grad)
     ############################
     # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
     ############################
     m.D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
     for k in range(args.g_steps):
         with m.autocast():
-            if k:  # extra G steps (seeds 000 and 001) draw fresh noise
+            if k:  # extra G steps draw fresh noise
                 fake = m.net_g(torch.randn_like(z))
-            out = m.net_d(noisy(fake, sigma))
-            loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-        m.opt_g.zero_grad(set_to_none=True)
-        m.scaler.scale(loss_g).backward()
-        optimizer_step(m.opt_g, m.G, m.scaler, args.clip_grad)
-        if m.ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(m.ema.parameters()), list(m.G.parameters()), 1 - args.ema)
-                torch._foreach_copy_(list(m.ema.buffers()), list(m.G.buffers()))
+            out = m.net_d(noisy(fake, sigma)).float()
+        loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        optimizer_step(m.opt_g, m.G, m.scaler_g, loss_g, args.clip_grad)
+        if m.ema is not None:  # warm-up: early on the average must not be mostly the random initialisation
+            update_ema(m.ema, m.G, min(args.ema, (1 + step) / (10 + step)))
     m.D.requires_grad_(True)
-    m.scaler.update()
-    probs = torch.stack([out_real.float().sigmoid().mean(), out_fake.float().sigmoid().mean()])
-    return torch.cat([torch.stack([loss_d, loss_g]).detach().float(), probs.detach()])
+    probs = torch.stack([out_real.sigmoid().mean(), out_fake.sigmoid().mean()])
+    return torch.cat([torch.stack([loss_d, loss_g]), probs]).detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -792,14 +814,15 @@ def sample(m, fixed_noise):
 def save_checkpoint(path, m, step, steps_per_epoch, args, fixed_noise):
     ck = {
         "script": SCRIPT, "generator": m.G.state_dict(), "discriminator": m.D.state_dict(),
-        "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(), "scaler": m.scaler.state_dict(),
-        "step": step, "epoch": step // steps_per_epoch, "args": {k: v for k, v in vars(args).items() if k != "given"},
+        "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(),
+        "scaler_g": m.scaler_g.state_dict(), "scaler_d": m.scaler_d.state_dict(),
+        "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
         "fixed_noise": fixed_noise.cpu(), "rng_cpu": torch.get_rng_state(),
     }  # fmt: skip
     if m.ema is not None:
         ck["ema"] = m.ema.state_dict()
-    if torch.cuda.is_available() and fixed_noise.is_cuda:
-        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    if fixed_noise.is_cuda:
+        ck["rng_cuda"] = torch.cuda.get_rng_state(fixed_noise.device)
     atomic_write(path, lambda f: torch.save(ck, f), sync=True)
 
 
@@ -811,12 +834,10 @@ def load_checkpoint(path):
         with warnings.catch_warnings():  # a foreign pickle makes torch warn before it fails: one message is enough
             warnings.simplefilter("ignore")
             ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # the pickle names a function or class to call
-            code = str(e).split("GLOBAL ")[1].split()[0]
-            die(f"{path} holds objects other than plain data ({code}); refused, nothing in it was executed")
-        die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint (unpickling failed)")
-    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file)
+    except Exception as e:  # noqa: BLE001 (code in the pickle, truncated zip, random bytes, empty file)
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL " in str(e):  # it names a function or class to call
+            die(f"{path} holds objects other than plain data ({str(e).split('GLOBAL ')[1].split()[0]}); refused, "
+                "nothing in it was executed")  # fmt: skip
         die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
@@ -825,26 +846,38 @@ def load_checkpoint(path):
 
 
 def restore(m, ck, args, device):
-    """Put a checkpoint's weights, optimizer, scaler and RNG states back; returns (step, fixed_noise)."""
-    for net, key in ((m.G, "generator"), (m.D, "discriminator"), (m.opt_g, "opt_g"), (m.opt_d, "opt_d")):
-        net.load_state_dict(ck[key])
-    for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):  # the command line's learning rates win
+    """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
+    The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
+    m.G.load_state_dict(ck["generator"])
+    m.D.load_state_dict(ck["discriminator"])
+    m.opt_g.load_state_dict(ck["opt_g"])
+    if ck["args"].get("d_optim", "adam") == args.d_optim:
+        m.opt_d.load_state_dict(ck["opt_d"])
+    else:
+        print(f"resume: --d-optim {args.d_optim}: D's optimizer starts afresh (the run used {ck['args']['d_optim']})")
+    for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):
         for group in opt.param_groups:
             group["lr"] = lr
+            if "betas" in group:
+                group["betas"] = (args.beta1, args.beta2)
     if m.ema is not None:
         m.ema.load_state_dict(ck.get("ema") or ck["generator"])
-    m.scaler.load_state_dict(ck["scaler"])
+    for scaler, key in ((m.scaler_g, "scaler_g"), (m.scaler_d, "scaler_d")):
+        if scaler.is_enabled() and ck.get(key):  # a run that was not fp16 has no scale yet: start from the default
+            scaler.load_state_dict(ck[key])
     torch.set_rng_state(ck["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ck:
-        torch.cuda.set_rng_state(ck["rng_cuda"])
+        torch.cuda.set_rng_state(ck["rng_cuda"], device)
     return ck["step"], ck["fixed_noise"].to(device)
 
 
-def generator_from(ck, device):
-    """The generator a checkpoint describes, with the EMA weights when it has them."""
-    G = Generator(ck["args"]["nz"], ck["args"]["ngf"], NC, ck["args"]["size"]).to(device)
+def load_generator(path, device="cpu"):
+    """The generator a checkpoint describes, with its EMA weights when it has them, in eval mode on `device`."""
+    ck = load_checkpoint(path)
+    a = ck["args"]
+    G = Generator(a["nz"], a["ngf"], NC, a["size"], a.get("g_act", "relu"))
     G.load_state_dict(ck.get("ema") or ck["generator"])
-    return G.eval()
+    return G.to(device).eval()
 
 
 class Log:
@@ -852,13 +885,13 @@ class Log:
     row is the mean over the ranks (the global batch's), the same on every rank; rank 0 alone writes it."""
 
     def __init__(self, args, device, step):
-        self.path, self.out, self.n, self.rows, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, [], step
+        self.path, self.out, self.n, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, step
+        kept = []
         if RANK == 0 and os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
             with open(self.path, newline="") as f:
                 kept = [r for r in list(csv.reader(f))[1:] if len(r) >= 6 and r[0].isdigit() and int(r[0]) <= step]
-            atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS] + kept).encode()))
-        elif RANK == 0:
-            atomic_write(self.path, lambda f: f.write((",".join(COLUMNS) + "\n").encode()))
+        if RANK == 0:
+            atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS, *kept]).encode()))
         self.file = open(self.path if RANK == 0 else os.devnull, "a", newline="")  # noqa: SIM115 (for the whole run)
         self.buf = torch.zeros(args.log_every, 4, device=device)
         self.tb = None
@@ -879,28 +912,37 @@ class Log:
             dist.all_reduce(self.buf[: self.n])
             self.buf[: self.n] /= WORLD
         values, self.n = self.buf[: self.n].tolist(), 0
-        first, finite = step - len(values) + 1, list(itertools.takewhile(lambda v: all(np.isfinite(v)), values))
+        first, finite = step - len(values) + 1, []
+        for v in values:
+            if not all(map(math.isfinite, v)):
+                break
+            finite.append(v)
         try:  # the disk write happens at flush(): both belong in the try
-            self.file.write("".join(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n"
-                                    for i, v in enumerate(finite)))  # fmt: skip
+            for i, v in enumerate(finite):
+                self.file.write(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
             self.file.flush()
         except OSError as e:
             die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
         for i, v in enumerate(finite if self.tb else []):
             for name, x in zip(COLUMNS[2:], v):
                 self.tb.add_scalar(name, x, first + i)
-        self.rows += finite
         if len(finite) < len(values):
             self.diverged(f"the losses at step {first + len(finite)}")
-        return self.rows[-1]
+        return finite[-1]
 
     def diverged(self, what):
         die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
             f"kept in {self.out}. Lower --lr-d/--lr-g or add --clip-grad, then --resume.", 3)  # fmt: skip
 
-    def epoch_means(self):
-        means, self.rows = np.mean(self.rows, axis=0) if self.rows else [float("nan")] * 4, []
-        return "  ".join(f"{k} {v:.3f}" for k, v in zip(("loss_d", "loss_g", "D(x)", "D(G(z))"), means))
+
+def resolve_amp(amp, device):
+    """--amp auto: bf16 where the hardware runs it natively, else fp16 with GradScaler on GPUs, off on CPUs."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":  # T4/V100-class GPUs emulate bf16, slowly: fp16 there
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    return "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
 
 
 def setup(args):
@@ -927,39 +969,13 @@ def setup(args):
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not args.deterministic  # fixed shapes: let cuDNN time its kernels once
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
-    amp = args.amp
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # bf16 pays on a CPU only where it has bf16 instructions (AVX512-BF16 or AMX)
-            cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
-            amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
+    amp = resolve_amp(args.amp, device)
     print(f"seed: {args.seed}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"amp: {amp}")
     if WORLD > 1:
         print(f"ddp: {WORLD} processes over {dist.get_backend()}, {args.batch_size} images each per step")
     return device, amp
-
-
-def prepare_run(args):
-    """Refuse to overwrite a run; with --resume, load its checkpoint and take its arguments."""
-    path = os.path.join(args.out, "checkpoint.pt")
-    if not args.resume:
-        if any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")):
-            die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
-        return None
-    ck = load_checkpoint(path)
-    for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # from a run killed in the middle of a write
-        leftover.unlink()
-    diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
-            for k in ARCH if k in args.given and ck["args"].get(k) != getattr(args, k)]  # fmt: skip
-    if diff:
-        die(f"--resume: architecture arguments differ from the checkpoint's: {'; '.join(diff)}")
-    for k, v in ck["args"].items():
-        if k in vars(args) and k not in args.given and k not in NOT_INHERITED:
-            setattr(args, k, v)
-    return ck
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -988,41 +1004,42 @@ class StopVote:
             self.work.wait()
 
 
-def train(args):
-    ck = prepare_run(args)  # on every rank: the same refusals everywhere, before any rank writes a file
+def train(args, ck=None):
+    if not ck and any(
+        os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")
+    ):
+        die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
     device, amp = setup(args)
-    created = not os.path.exists(args.out)
-    try:  # before the data, which may take long to prepare: an unwritable --out is refused at once
-        if RANK == 0:
+    batches = BatchSource(load_shared(args), args, device, RANK, WORLD)
+    if RANK == 0:  # rank 0 alone writes files; the others only train
+        try:  # after the data: a run stopped while its data loads leaves no run directory behind
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    except OSError as e:
-        die(f"cannot create --out {args.out}: {e.strerror}", 1)
-    try:
-        batches = BatchSource(load_shared(args), args, device, RANK, WORLD)
-    except (SystemExit, KeyboardInterrupt):  # no data: leave no empty run directory behind
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(args.out, "samples"))
-            if created:
-                os.rmdir(args.out)
-        raise
+        except OSError as e:
+            die(f"cannot create --out {args.out}: {e.strerror}", 1)
+        for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # what a killed run left half-written
+            leftover.unlink(missing_ok=True)
     m = build(args, device, amp)
     steps_per_epoch = len(batches)
     total = 1 if args.dry_run else min(args.max_steps or 1 << 62, args.epochs * steps_per_epoch)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if ck:
+        if ck.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:  # the epochs and data order would shift
+            die(f"--resume: an epoch is {steps_per_epoch} steps here but {ck['steps_per_epoch']} in the run: "
+                "keep its --batch-size, --max-images, --data and number of processes")  # fmt: skip
         step, fixed_noise = restore(m, ck, args, device)
         print(f"resume: step {step} (epoch {step // steps_per_epoch}) from {ckpt_path}")
-    else:
+    elif RANK == 0:  # rank 0 alone writes files; the others only train
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    if not ck and RANK == 0:  # rank 0 alone writes files; the others only train
-        with contextlib.closing(batches.epoch(0)) as first:  # 64 images, whatever the batch size
-            real = torch.cat(list(itertools.islice(first, -(-64 // args.batch_size))))
+        real = torch.cat(list(itertools.islice(batches.epoch(0), -(-64 // args.batch_size))))  # 64, whatever the batch
         real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
         save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
+    else:
+        step = 0
+        fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
-    config = {k: v for k, v in vars(args).items() if k != "given"} | {
+    config = vars(args) | {
         "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
         "world_size": WORLD, "global_batch_size": args.batch_size * WORLD,
@@ -1053,9 +1070,10 @@ def train(args):
         for real in batches.epoch(epoch, step % steps_per_epoch):
             if WORLD > 1:  # each rank's noise, flips and dropout from (seed, rank, step): resumes are exact per rank
                 torch.manual_seed(hash((args.seed, RANK, step)))
-            # instance noise anneals to 0 over the planned run, whatever --max-steps says
-            sigma = args.instance_noise * max(0.0, 1 - step / (args.epochs * steps_per_epoch))
-            log.add(train_step(m, preprocess(real, args), args, sigma))
+            sigma = args.instance_noise  # annealed to 0 over the planned run, whatever --max-steps says
+            if args.noise_schedule == "anneal":
+                sigma *= max(0.0, 1 - step / (args.epochs * steps_per_epoch))
+            log.add(train_step(m, preprocess(real, args), args, sigma, step))
             step += 1
             bar.update(global_batch)
             halt = vote(stop)
@@ -1063,7 +1081,8 @@ def train(args):
             save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
             if log.n == args.log_every or save:
                 r = log.flush(step, epoch + 1)  # the one host-device sync per --log-every steps
-                bar.set_postfix_str(f"loss_d {r[0]:.3f} loss_g {r[1]:.3f} D(x) {r[2]:.2f} D(G(z)) {r[3]:.2f}")
+                stats = f"loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.2f}  D(G(z)) {r[3]:.2f}"
+                bar.set_postfix_str(stats)
             if RANK == 0 and args.sample_every and step % args.sample_every == 0:
                 save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
             if RANK == 0 and (epoch_end or last):
@@ -1072,8 +1091,8 @@ def train(args):
                 if log.tb:
                     log.tb.add_images("samples", to_uint8(images), step)
             if save:
-                weights = [p.detach() for p in (*m.G.parameters(), *m.D.parameters())]  # the same on every rank
-                if not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
+                norms = torch.stack([p.detach().norm() for p in (*m.G.parameters(), *m.D.parameters())])  # all ranks
+                if not torch.isfinite(norms).all():
                     log.diverged(f"weights at step {step}")
                 if RANK == 0:
                     save_checkpoint(ckpt_path, m, step, steps_per_epoch, args, fixed_noise)
@@ -1082,7 +1101,7 @@ def train(args):
                 break
         bar.close()
         dt = time.time() - t0
-        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {log.epoch_means()}  "
+        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {stats}  "
               f"{(step - start) * global_batch / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
     vote.close()
     if halt:
@@ -1100,18 +1119,17 @@ def train(args):
 
 def generate(args):
     device, _ = setup(args)
-    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
+    G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
     folder = os.path.join(args.out, "generated")
     os.makedirs(folder, exist_ok=True)
     images = []
     with torch.no_grad():
         for i in range(0, args.generate, 256):
-            z = torch.randn(min(256, args.generate - i), G.main[0].in_channels, 1, 1, device=device)
-            images.append(to_uint8(G(z)))
+            images.append(to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device))))
     images = torch.cat(images)
     for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
         save_png(img, os.path.join(folder, f"{i:06d}.png"))
-    save_png(make_grid(images[:64], nrow=8, padding=2)[:NC], os.path.join(folder, "grid.png"))
+    save_png(make_grid(images[:64], nrow=8, padding=2)[: images.size(1)], os.path.join(folder, "grid.png"))
     print(f"wrote {len(images)} images and grid.png to {folder}")
 
 
@@ -1125,13 +1143,14 @@ def interpolate(args):
     import imageio.v3 as iio
 
     device, _ = setup(args)
-    G = generator_from(load_checkpoint(args.checkpoint or os.path.join(args.out, "checkpoint.pt")), device)
-    keys = torch.randn(4, 16, G.main[0].in_channels, device=device)  # 16 walks through 4 points and back
+    G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
+    keys = torch.randn(4, 16, G.nz, device=device)  # 16 walks through 4 points and back
     frames = []
     with torch.no_grad():
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
-                grid = make_grid(to_uint8(G(slerp(a, b, t)[..., None, None])), nrow=4, padding=2)[:NC]
+                images = to_uint8(G(slerp(a, b, t)[..., None, None]))
+                grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
                 frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     os.makedirs(args.out, exist_ok=True)
@@ -1140,10 +1159,9 @@ def interpolate(args):
 
 
 def summary(args):
-    nets = (("Generator", Generator(args.nz, args.ngf, NC, args.size), torch.zeros(1, args.nz, 1, 1)),
-            ("Discriminator", Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout),
-             torch.zeros(1, NC, args.size, args.size)))  # fmt: skip
-    for name, net, x in nets:
+    m = build(args, torch.device("cpu"), "off")
+    x = torch.zeros(1, args.nz, 1, 1)  # through G, then its image through D
+    for name, net in (("Generator", m.G), ("Discriminator", m.D)):
         print(f"{name}\n  {'layer':<34}{'output shape':>20}{'parameters':>14}")
         with torch.no_grad():
             for i, layer in enumerate(net.eval().main):
@@ -1158,20 +1176,19 @@ def benchmark(args):
 
     device, amp = setup(args)
     m = build(args, device, amp)
-    real = preprocess(
-        torch.randint(0, 256, (args.batch_size, NC, args.size, args.size), dtype=torch.uint8, device=device), args
-    )
+    shape = (args.batch_size, NC, args.size, args.size)
+    real = preprocess(torch.randint(0, 256, shape, dtype=torch.uint8, device=device), args)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
         m.net_g, m.net_d, compiled = m.G, m.D, (m.net_g, m.net_d)
-        train_step(m, real, args, 0.0)
+        train_step(m, real, args, 0.0, 0)
     m.net_g, m.net_d = compiled
-    for _ in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
-        train_step(m, real, args, 0.0)
+    for step in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
+        train_step(m, real, args, 0.0, step)
     sync()
     t0 = time.perf_counter()
-    for _ in range(args.benchmark):
-        train_step(m, real, args, 0.0)
+    for step in range(args.benchmark):
+        train_step(m, real, args, 0.0, step)
     sync()
     dt = time.perf_counter() - t0
     flops = counter.get_total_flops()
@@ -1182,14 +1199,17 @@ def benchmark(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    mode = next((f for f in (summary, benchmark, generate, interpolate) if getattr(args, f.__name__)), train)
-    if WORLD > 1 and mode not in (train, benchmark):
-        die(f"--{mode.__name__} runs in one process: python {SCRIPT} --{mode.__name__} ..., not under torchrun")
+    args, ck = parse_args(argv)
+    for flag in ("generate", "interpolate", "summary"):
+        if WORLD > 1 and getattr(args, flag):
+            die(f"--{flag} runs in one process: python {SCRIPT} --{flag} ..., not under torchrun")
     if RANK > 0:  # rank 0 speaks for all; errors still reach stderr from every rank
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole run)
     try:
-        mode(args)
+        for mode in (summary, benchmark, generate, interpolate):
+            if getattr(args, mode.__name__):
+                return mode(args)
+        train(args, ck)
     except KeyboardInterrupt:  # before training started (data loading): nothing half-written to clean up
         print("interrupted", file=sys.stderr)
         sys.exit(130)

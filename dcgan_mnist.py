@@ -636,7 +636,8 @@ def train(args, ck=None):
             save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
             if log.n == args.log_every or save:
                 r = log.flush(step, epoch + 1)  # the one host-device sync per --log-every steps
-                bar.set_postfix_str(f"loss_d {r[0]:.3f} loss_g {r[1]:.3f} D(x) {r[2]:.2f} D(G(z)) {r[3]:.2f}")
+                stats = f"loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.2f}  D(G(z)) {r[3]:.2f}"
+                bar.set_postfix_str(stats)
             if args.sample_every and step % args.sample_every == 0:
                 save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
             if epoch_end or last:
@@ -654,8 +655,7 @@ def train(args, ck=None):
                 break
         bar.close()
         dt = time.time() - t0
-        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.3f}  "
-              f"D(G(z)) {r[3]:.3f}  "
+        print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {stats}  "
               f"{(step - start) * args.batch_size / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
     if stop:
         name = signal.Signals(stop[0]).name
