@@ -5,7 +5,7 @@ doubling of the resolution, in G and in D, with the widths capped at 8 x --ngf/-
 Plain DCGAN is fragile at these sizes, so four defaults differ from dcgan_celeba.py, each a flag that turns it off:
 spectral norm in D instead of BatchNorm (--no-spectral-norm; Miyato et al. 2018), one-sided label smoothing 0.1
 (--label-smoothing 0; Salimans et al. 2016), an EMA of G's weights for every sample and image (--ema 0; Yazici et
-al. 2019), and batch 64 per process. bf16 autocast on GPUs is the default as in every script (--amp off).
+al. 2019), and batch 64 per process.
 Images are decoded once into a uint8 cache on disk; batches come from it on the GPU when it fits, else from its
 memory map, so that the memory the process owns stays a few batches whatever the data size.
 
@@ -369,17 +369,9 @@ HOW_TO_GET = {
     "celeba-hq": "get the CelebA-HQ images (e.g. Kaggle lamsimon/celebahq) and put the folder or zip at --data "
     "(--download cannot fetch them)",
 }
-# EXIF Orientation -> the turn that shows a photo upright (phones store photos sideways, with this tag), as in
-# PIL.ImageOps.exif_transpose
-UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
+T = Image.Transpose  # EXIF Orientation -> the turn that shows a photo upright, as PIL.ImageOps.exif_transpose
+UPRIGHT = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
+           7: T.TRANSVERSE, 8: T.ROTATE_90}  # fmt: skip
 
 
 def show(path):
@@ -446,9 +438,8 @@ def decode_image(fp, size, crop=None):
 _worker = {}  # per-process decoding state: the open zip is reused for every image of the worker
 
 
-def init_worker(source, size, crop, in_pool=True):
-    if in_pool:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool, removes the temp
+def init_worker(source, size, crop):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool, removes the temp
     _worker.update(source=source, size=size, crop=crop, zip=zipfile.ZipFile(source) if os.path.isfile(source) else None)
 
 
@@ -508,15 +499,11 @@ def build_cache(source, names, path, size, crop, workers):
         if hasattr(os, "posix_fallocate"):  # running out of disk while writing through a memory map is a SIGBUS crash
             with open(tmp, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, arr.offset + arr.nbytes)
-        if workers > 1:  # fork: no re-import of torch per worker (DataLoader's choice on Linux)
-            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            # not multiprocessing.Pool, whose imap hangs forever when a worker is killed (OOM) or raises
-            # KeyboardInterrupt; the executor raises that in the parent
-            pool = ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(source, size, crop))
-            results = pool.map(decode_chunk, tasks)  # in order
-        else:
-            init_worker(source, size, crop, in_pool=False)
-            results = map(decode_chunk, tasks)
+        # fork: no re-import of torch per worker (DataLoader's choice on Linux). Not multiprocessing.Pool, whose imap
+        # hangs forever when a worker is killed (OOM) or raises KeyboardInterrupt; the executor raises that here
+        context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(source, size, crop))
+        results = pool.map(decode_chunk, tasks)  # in order
         with tqdm(total=len(names), unit="img", desc=f"caching {size}px", disable=None) as bar:
             for rows, failed in results:  # unreadable images leave no gap: rows are the first n
                 arr[n : n + len(rows)] = rows

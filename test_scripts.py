@@ -7,6 +7,7 @@ python -m pytest test_scripts.py -q -m "not slow"  # the quick half
 import csv
 import glob
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import pickle
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -226,10 +228,8 @@ def test_generate_interpolate_summary_benchmark(script, tmp_path):
     gif = Image.open(tmp_path / "run" / "interpolation.gif")
     assert gif.n_frames == 4 * 3
     p = run(script, *flags, "--summary")
-    import importlib
-
     module = importlib.import_module(script[:-3])  # importing a script has no side effects
-    G = module.generator_from(load(tmp_path / "run" / "checkpoint.pt"), "cpu")  # the same flags as the summary
+    G = module.load_generator(tmp_path / "run" / "checkpoint.pt")  # the same flags as the summary
     assert f"total parameters: {sum(q.numel() for q in G.parameters()):,}" in p.stdout
     assert "ConvTranspose2d" in p.stdout and "Discriminator" in p.stdout
     bench = tmp_path / "bench"
@@ -262,8 +262,8 @@ def test_tensorboard_is_optional(script, tmp_path):
 
 
 # what may differ between the scripts: resolution, data, layers (STYLE.md); with dcgan_hires.py also DDP
-MAY_DIFFER = {"parse_args", "load_dataset", "preprocess", "Generator", "Discriminator", "build", "generator_from",
-              "summary", "benchmark", "BatchSource"}  # fmt: skip
+MAY_DIFFER = {"parse_args", "load_dataset", "preprocess", "Generator", "Discriminator", "build", "load_generator",
+              "benchmark", "BatchSource"}  # fmt: skip
 MAY_DIFFER_DDP = MAY_DIFFER | {"setup", "train", "main", "Log"}
 
 
@@ -1762,3 +1762,181 @@ def test_hires_defaults_differ_from_celeba_and_each_turns_off(tmp_path):
     p = run(HIRES, "--dataset", "celeba-hq", "--data", tmp_path / "nothing", "--out", tmp_path / "hq", ok=2)
     assert_one_line_error(p, "no images", "CelebA-HQ", "--download cannot fetch them")
     assert not (tmp_path / "hq").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flag combinations a review found broken: fp16, resume with other flags, EMA, amp auto, label-smoothing dtype
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fp16_with_several_g_steps_and_amp_switched_on_resume(script, tmp_path):
+    """One GradScaler per optimizer, each updated after its own step; --amp may change in every direction on resume."""
+    run(script, *tiny(script, tmp_path / "run", "--amp", "fp16", "--g-steps", 2, "--max-steps", 2))
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert ck["scaler_g"]["scale"] > 0 and ck["scaler_d"]["scale"] > 0  # two scalers, each with its own state
+    for step, amp in enumerate(["off", "fp16", "bf16", "fp16"], start=3):
+        p = run(script, "--out", tmp_path / "run", "--resume", "--amp", amp, "--max-steps", step)
+        assert f"amp: {amp}" in p.stdout
+    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=6)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flags_typed_with_resume_take_effect(script, tmp_path):
+    run(script, *tiny(script, tmp_path / "run", "--max-steps", 1))
+    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
+    for opt in ("opt_g", "opt_d"):
+        assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
+    assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 and ck["opt_d"]["param_groups"][0]["lr"] == 2e-4
+    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 3, "--d-optim", "sgd")
+    assert "resume: --d-optim sgd: D's optimizer starts afresh (the run used adam)" in p.stdout
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9 and ck["args"]["beta1"] == 0.3  # the rest from the run
+    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 4, "--batch-size", 4, ok=2)
+    assert_one_line_error(p, "--resume", "--batch-size", "an epoch is")
+    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=3)
+
+
+def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
+    """--ema 0.999 for 80 steps: without warm-up 92% of the EMA weights would still be the random initialisation.
+    With it, EMA samples are close to the live generator's, far from an untrained one's (BatchNorm statistics in
+    the average too)."""
+    import dcgan_mnist as m
+
+    flags = ["--dataset", "synthetic", "--max-images", 2048, "--max-steps", 80, "--ema", 0.999, "--amp", "off"]
+    run("dcgan_mnist.py", *flags, "--out", tmp_path / "run")
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert not any(k.startswith("module.") for k in ck["ema"])
+    assert not torch.equal(ck["ema"]["main.1.running_mean"], ck["generator"]["main.1.running_mean"])
+    torch.manual_seed(0)  # the run's seed: the generator the run started from
+    nets = {"untrained": m.Generator(100, 32), "live": m.Generator(100, 32), "ema": m.Generator(100, 32)}
+    nets["live"].load_state_dict(ck["generator"])
+    nets["ema"].load_state_dict(ck["ema"])
+    with torch.no_grad():
+        z = torch.randn(256, 100, 1, 1)
+        out = {k: g.eval()(z) for k, g in nets.items()}
+    ema_vs_live = (out["ema"] - out["live"]).abs().mean().item()
+    untrained_vs_live = (out["untrained"] - out["live"]).abs().mean().item()
+    assert ema_vs_live < 0.5 * untrained_vs_live, (ema_vs_live, untrained_vs_live)
+    stds = {k: round(v.std().item(), 3) for k, v in out.items()}  # contrast: strokes on black, not a flat gray
+    assert stds["ema"] > 0.7 * stds["live"] and stds["ema"] > 2 * stds["untrained"], stds
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_amp_auto_takes_bf16_only_where_it_is_native(script, monkeypatch):
+    module = importlib.import_module(script[:-3])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert module.resolve_amp("auto", torch.device("cuda")) == "fp16"  # a T4/V100: emulated bf16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert module.resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert module.resolve_amp("off", torch.device("cuda")) == "off"
+
+
+def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
+    import dcgan_mnist as m
+
+    seen = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, target):
+        seen.append((logits.dtype, target.dtype, target.flatten()[0].item()))
+        return bce(logits, target)
+
+    monkeypatch.setattr(m.F, "binary_cross_entropy_with_logits", spy)
+    args, _ = m.parse_args(["--dataset", "synthetic", "--ngf", "4", "--ndf", "4", "--label-smoothing", "0.1"])
+    net = m.build(args, torch.device("cpu"), "bf16")
+    m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0.0, 0)
+    assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
+    assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_one_true_default_per_flag(script):
+    out = run(script, "--help").stdout
+    assert "(default: None)" not in out and "default: runs/<dataset>" in out
+    for block in re.split(r"\n  (?=-)", out):
+        assert block.count("(default") <= 1, block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The original projects' knobs: --g-act, --d-norm, --noise-schedule; load_generator
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_g_act_and_d_norm_shape_the_networks_and_are_kept_on_resume(script, tmp_path):
+    flags = SCRIPTS[script][2]
+    summary = run(script, *flags, "--summary", "--g-act", "leaky", "--spectral-norm", "--d-norm", "batch").stdout
+    g, d = summary.split("Discriminator")
+    assert "LeakyReLU" in g and "ReLU " not in g.replace("LeakyReLU", "")
+    assert "ParametrizedConv2d" in d and "BatchNorm2d" in d
+    assert "BatchNorm2d" not in run(script, *flags, "--summary", "--d-norm", "none").stdout.split("Discriminator")[1]
+    run(script, *tiny(script, tmp_path / "run", "--dry-run", "--g-act", "leaky", "--d-norm", "none"))
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert (ck["args"]["g_act"], ck["args"]["d_norm"]) == ("leaky", "none")
+    assert not any("running_mean" in k for k in ck["discriminator"]) or script == HIRES  # hires: SN by default
+    p = run(script, "--out", tmp_path / "run", "--resume", "--g-act", "relu", "--d-norm", "batch", ok=2)
+    assert_one_line_error(p, "--g-act leaky (checkpoint) vs relu", "--d-norm none (checkpoint) vs batch")
+    # a checkpoint written before these flags existed: missing keys mean ReLU and BatchNorm unless spectral norm
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    run(script, *tiny(script, tmp_path / "old", "--dry-run"))
+    old = load(tmp_path / "old" / "checkpoint.pt")
+    del old["args"]["g_act"], old["args"]["d_norm"]
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    run(script, "--out", tmp_path / "old", "--resume", "--max-steps", 2)
+    run(script, "--out", tmp_path / "old", "--generate", 2)
+
+
+def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
+    import dcgan_mnist as m
+
+    sigmas, handlers = {}, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for schedule in ("anneal", "constant"):
+        seen = sigmas[schedule] = []
+        monkeypatch.setattr(m, "noisy", lambda x, sigma, seen=seen: seen.append(sigma) or x)
+        flags = tiny("dcgan_mnist.py", tmp_path / schedule, "--epochs", 1, "--instance-noise", 0.5)
+        m.main([*map(str, flags), "--noise-schedule", schedule])  # in this process, to see every sigma
+        assert load(tmp_path / schedule / "checkpoint.pt")["args"]["noise_schedule"] == schedule
+    steps = 256 // 32  # one epoch; noisy() is called 3 times a step (real, fake for D, fake for G)
+    for sig, handler in handlers.items():  # train() installed its own
+        signal.signal(sig, handler)
+    assert sigmas["constant"] == [0.5] * 3 * steps
+    assert sigmas["anneal"][::3] == [0.5 * (1 - s / steps) for s in range(steps)]
+
+
+def readme_block(heading):
+    """The first ```python block (or every ```bash block) under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(?:python|bash)\n(.*?)```", section, re.DOTALL)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypatch):
+    run(script, *tiny(script, tmp_path / "run", "--dry-run", "--ema", 0.9))
+    module = importlib.import_module(script[:-3])
+    G = module.load_generator(tmp_path / "run" / "checkpoint.pt")
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert not G.training and all(torch.equal(v, ck["ema"][k]) for k, v in G.state_dict().items())
+    size, nc, _ = SCRIPTS[script]
+    assert G(torch.randn(2, G.nz, 1, 1)).shape == (2, nc, size, size)
+    code = readme_block("Use a trained generator from Python")[0]
+    code = code.replace("dcgan_celeba", script[:-3]).replace("runs/celeba64", str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example, run as a user would)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size[0] >= 4 * size
+
+
+def test_readme_recipes_of_the_original_projects_run(tmp_path):
+    """Every command line of "Reproduce the original projects", on synthetic data for one step (--dry-run)."""
+    lines = [line for block in readme_block("Reproduce the original projects") for line in block.splitlines()]
+    commands = [shlex.split(line.split("#")[0]) for line in lines if line.startswith("python dcgan_")]
+    assert len(commands) >= 5
+    for i, cmd in enumerate(commands):
+        script, flags = cmd[1], cmd[2:]
+        for flag in ("--dataset", "--data", "--out"):  # synthetic data, a run directory of the test's
+            while flag in flags:
+                del flags[flags.index(flag) : flags.index(flag) + 2]
+        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 128
+        run(script, *flags, "--dataset", "synthetic", "--max-images", batch, "--dry-run", "--out", tmp_path / str(i))
