@@ -992,9 +992,7 @@ class StopVote:
 
 
 def train(args, ck=None):
-    if not ck and any(
-        os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv", "config.json")
-    ):
+    if not ck and any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv")):
         die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
     device, amp = setup(args)
     batches = BatchSource(load_shared(args), args, device, RANK, WORLD)
