@@ -4,10 +4,13 @@ python -m pytest test_scripts.py -q              # everything (a few minutes on 
 python -m pytest test_scripts.py -q -m "not slow"  # the quick half
 """
 
+import contextlib
 import csv
 import glob
 import hashlib
 import importlib
+import io
+import itertools
 import json
 import math
 import os
@@ -33,6 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 import dcgan_celeba as d
@@ -93,11 +97,53 @@ slow = pytest.mark.slow
 
 def run(script, *args, cwd=ROOT, ok=True, timeout=300, **kw):
     """Run a script like a user; ok=True asserts exit 0, ok=int asserts that exit code. No traceback, ever."""
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True, check=False,
-                       text=True, timeout=timeout, **kw)  # fmt: skip
+    p = subprocess.run(command(script, *args), cwd=cwd, capture_output=True, check=False, text=True, timeout=timeout,
+                       **kw)  # fmt: skip
     want = 0 if ok is True else ok
     assert want is False or p.returncode == want, f"exit {p.returncode}, wanted {want}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def command(script, *args, nproc=0):
+    """The command line of `script`; with nproc, under `torchrun --standalone --nproc_per_node nproc`."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    return [sys.executable, *launcher, str(ROOT / script), *map(str, args)]
+
+
+def start(script, *args, stdout=subprocess.PIPE, nproc=0):
+    """Start a script in the background, unbuffered so that a file given as stdout shows how far it got. Its output
+    is small: pipes cannot fill up and block it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(command(script, *args, nproc=nproc), cwd=ROOT, env=env, text=True, stdout=stdout,
+                            stderr=subprocess.PIPE)  # fmt: skip
+
+
+def stop(proc, sig, code=None):
+    """Send sig and wait for the end: exit code `code` (default 128 + sig), no traceback -> (stdout, stderr)."""
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == (128 + sig if code is None else code), (proc.returncode, out, err)
+    assert "Traceback" not in err, err
+    return out, err
+
+
+def call(script, *args, ok=True):
+    """`python script args` run in this process, as run() checks it, for what a script does before it loads data
+    or a model (--help, argument errors, refusals): the same main(), without the 3 s that starting Python with torch
+    and torchvision takes."""
+    module, argv, out, err = importlib.import_module(script[:-3]), sys.argv, io.StringIO(), io.StringIO()
+    sys.argv, code = [str(ROOT / script), *map(str, args)], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    p = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    want = 0 if ok is True else ok
+    assert want is False or p.returncode == want, f"exit {p.returncode}, wanted {want}\n{p.stdout}\n{p.stderr}"
     return p
 
 
@@ -116,10 +162,14 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def config(run_dir):
+    return json.loads((Path(run_dir) / "config.json").read_text())
+
+
 def check_run(run_dir, size, channels, steps=None):
     """SPEC §3, as shared/check_run.py checks it (copied here: the tests must not depend on ../shared)."""
     run_dir = Path(run_dir)
-    assert isinstance(json.loads((run_dir / "config.json").read_text()), dict)
+    assert isinstance(config(run_dir), dict)
     last = 0
     for r in rows(run_dir):
         step, epoch, *vals = int(r[0]), int(r[1]), *map(float, r[2:6])
@@ -157,13 +207,54 @@ def assert_one_line_error(p, *words):
         assert w in lines[0], (w, lines[0])
 
 
+def made_once(*flags):
+    """A fixture: get(script) -> the run directory of `script` with tiny(script, ..., *flags), made once per test
+    session and shared by its processes (pytest -n), its stdout in stdout.txt beside it. Tests read it; a test that
+    changes it works on a copy (copy_run)."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        shared = tmp_path_factory.getbasetemp()
+        shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # the workers' common folder
+
+        def get(script):
+            key = hashlib.sha256(repr((script, flags)).encode()).hexdigest()[:12]
+            out = shared / f"made-{key}" / "run"
+            with FileLock(shared / f"made-{key}.lock"):
+                if not (out.parent / "stdout.txt").exists():
+                    shutil.rmtree(out, ignore_errors=True)  # left by a worker that failed to make it
+                    p = run(script, *tiny(script, out, *flags))
+                    (out.parent / "stdout.txt").write_text(p.stdout)
+            return out
+
+        return get
+
+    return fixture
+
+
+def copy_run(run_dir, tmp_path):
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+# the uninterrupted, deterministic run that resumed and interrupted runs are compared with, bit for bit
+FAULT_STEPS = 40  # its length (the interruptions below take about 10 steps; the disk-full test needs 30 rows)
+# bit-exact on a CPU, --max-steps binds first; EMA, step grids and --log-every as their resumption must be exact too
+FAULT_EXACT = ["--deterministic", "--amp", "off", "--epochs", 1000, "--ema", 0.9, "--sample-every", 10,
+               "--log-every", 4]  # fmt: skip
+fault_reference = made_once(*FAULT_EXACT, "--max-steps", FAULT_STEPS)
+dry_run = made_once("--dry-run")
+# dcgan_celeba.py trains with dcgan_mnist.py's code, word for word (train, prepare_run, atomic_write, save_checkpoint,
+# Log: test_shared_helpers_are_identical_across_scripts): what only the training loop does is tried on these two
+TRAIN_LOOPS = ["dcgan_mnist.py", "dcgan_hires.py"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The contract of every training script: SPEC §2 and §3
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_every_flag_with_its_default(script):
-    out = run(script, "--help").stdout
+    out = " ".join(call(script, "--help").stdout.split())
     for flag in ["--dataset", "--data", "--out", "--epochs", "--max-steps", "--dry-run", "--batch-size", "--nz",
                  "--ngf", "--ndf", "--lr-g", "--lr-d", "--beta1", "--beta2", "--seed", "--device", "--amp",
                  "--compile", "--deterministic", "--resume", "--generate", "--interpolate", "--summary", "--benchmark",
@@ -174,62 +265,51 @@ def test_help_lists_every_flag_with_its_default(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_dry_run_writes_a_complete_run_directory(script, tmp_path):
+def test_dry_run_writes_a_complete_run_directory(script, dry_run):
     size, nc, _ = SCRIPTS[script]
-    p = run(script, *tiny(script, tmp_path / "run", "--dry-run"))
+    out = dry_run(script)
+    stdout = (out.parent / "stdout.txt").read_text()
     for line in ("seed: 0", "device: cpu", "amp: ", "data: "):
-        assert line in p.stdout
-    ck = check_run(tmp_path / "run", size, nc, steps=1)
+        assert line in stdout
+    ck = check_run(out, size, nc, steps=1)
     assert ck["fixed_noise"].shape[0] == 64 and ck["args"]["dry_run"] is True
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["resolved_device"] == "cpu" and config["data_size"] > 0
-    assert config["parameters"]["generator"] > 0 and "torch" in config["versions"]
+    conf = config(out)
+    assert conf["resolved_device"] == "cpu" and conf["data_size"] > 0
+    assert conf["parameters"]["generator"] > 0 and "torch" in conf["versions"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_epochs_and_step_grids(script, tmp_path):
+def test_epochs_and_step_grids(script, fault_reference):
     size, nc, _ = SCRIPTS[script]
-    run(script, *tiny(script, tmp_path / "run", "--epochs", 2, "--sample-every", 3, "--log-every", 4))
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    spe = config["steps_per_epoch"]
-    ck = check_run(tmp_path / "run", size, nc, steps=2 * spe)
-    assert ck["epoch"] == 2
-    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("epoch_*")) == ["epoch_001.png", "epoch_002.png"]
-    assert len(list((tmp_path / "run" / "samples").glob("step_*.png"))) == 2 * spe // 3
-    assert [int(r[1]) for r in rows(tmp_path / "run")] == [1] * spe + [2] * spe
+    out = fault_reference(script)  # --max-steps 40 --sample-every 10 --log-every 4
+    spe = config(out)["steps_per_epoch"]
+    epochs = FAULT_STEPS // spe
+    ck = check_run(out, size, nc, steps=FAULT_STEPS)
+    assert FAULT_STEPS % spe == 0 and ck["epoch"] == epochs
+    names = sorted(p.name for p in (out / "samples").glob("*_*.png"))
+    steps = [f"step_{s:07d}.png" for s in range(10, FAULT_STEPS + 1, 10)]
+    assert names == [f"epoch_{e:03d}.png" for e in range(1, epochs + 1)] + steps
+    assert [int(r[1]) for r in rows(out)] == [e for e in range(1, epochs + 1) for _ in range(spe)]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_resume_reaches_the_same_losses_and_weights(script, tmp_path):
-    det = ["--deterministic", "--amp", "off"]
-    run(script, *tiny(script, tmp_path / "a", "--max-steps", 4, *det))
-    run(script, *tiny(script, tmp_path / "b", "--max-steps", 2, *det))
-    p = run(script, "--out", tmp_path / "b", "--resume", "--max-steps", 4)  # other arguments come from the checkpoint
-    assert "resume: step 2" in p.stdout
-    assert rows(tmp_path / "a") == rows(tmp_path / "b")
-    a, b = load(tmp_path / "a" / "checkpoint.pt"), load(tmp_path / "b" / "checkpoint.pt")
-    assert a["step"] == b["step"] == 4
-    for k in a["generator"]:
-        assert torch.equal(a["generator"][k], b["generator"][k]), k
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_generate_interpolate_summary_benchmark(script, tmp_path):
+def test_generate_interpolate_summary_benchmark(script, tmp_path, fault_reference):
     size, nc, flags = SCRIPTS[script]
-    run(script, *tiny(script, tmp_path / "run", "--dry-run", "--ema", 0.9))
-    assert "ema" in load(tmp_path / "run" / "checkpoint.pt")
-    run(script, "--out", tmp_path / "run", "--generate", 10)
-    files = sorted((tmp_path / "run" / "generated").glob("*.png"))
+    out = copy_run(fault_reference(script), tmp_path)  # with --ema 0.9: its EMA weights make the images
+    before = digest(out)
+    run(script, "--out", out, "--generate", 10)
+    files = sorted((out / "generated").glob("*.png"))
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(10)] + ["grid.png"]
     for f in files[:10]:
         im = Image.open(f)
         assert im.size == (size, size) and im.mode == ("L" if nc == 1 else "RGB")
-    run(script, "--out", tmp_path / "run", "--interpolate", 3)
-    gif = Image.open(tmp_path / "run" / "interpolation.gif")
+    after = digest(out)  # --generate in a finished run writes generated/ and nothing else
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + len(files)
+    run(script, "--out", out, "--interpolate", 3)
+    gif = Image.open(out / "interpolation.gif")
     assert gif.n_frames == 4 * 3
-    p = run(script, *flags, "--summary")
-    module = importlib.import_module(script[:-3])  # importing a script has no side effects
-    G = module.load_generator(tmp_path / "run" / "checkpoint.pt")  # the same flags as the summary
+    p = call(script, *flags, "--summary")
+    G = importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt")  # the same flags as the summary
     assert f"total parameters: {sum(q.numel() for q in G.parameters()):,}" in p.stdout
     assert "ConvTranspose2d" in p.stdout and "Discriminator" in p.stdout
     bench = tmp_path / "bench"
@@ -250,7 +330,7 @@ def test_every_training_trick_runs(script, tmp_path):
     assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_tensorboard_is_optional(script, tmp_path):
     p = run(script, *tiny(script, tmp_path / "run", "--dry-run", "--tensorboard"), ok=False)
     try:
@@ -291,47 +371,22 @@ def test_shared_helpers_are_identical_across_scripts():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_argument_values_are_argparse_errors(script, tmp_path):
-    for bad in (["--batch-size", 1], ["--epochs", -1], ["--amp", "fp8"], ["--label-smoothing", 1.5]):
-        p = run(script, *tiny(script, tmp_path / "run", *bad), ok=2)
+    for i, bad in enumerate((["--batch-size", 1], ["--epochs", -1], ["--amp", "fp8"], ["--label-smoothing", 1.5])):
+        p = (run if i == 0 else call)(script, *tiny(script, tmp_path / "run", *bad), ok=2)  # the first one for real
         assert "usage:" in p.stderr and bad[0] in p.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_existing_run_is_never_clobbered(script, tmp_path):
-    run(script, *tiny(script, tmp_path / "run", "--dry-run"))
-    before = digest(tmp_path / "run")
-    p = run(script, *tiny(script, tmp_path / "run", "--dry-run"), ok=2)
-    assert_one_line_error(p, "--resume", "--out", str(tmp_path / "run"))
-    assert digest(tmp_path / "run") == before
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path):
-    run(script, *tiny(script, tmp_path / "run", "--dry-run"))
-    p = run(script, *tiny(script, tmp_path / "run", "--resume", "--nz", 50, "--ngf", 16), ok=2)
-    flags = SCRIPTS[script][2]
-    assert_one_line_error(
-        p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16"
-    )
-    p = run(script, "--out", tmp_path / "empty", "--resume", ok=2)
-    assert_one_line_error(p, "no checkpoint at")
-    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    torch.save({"script": "dcgan_other.py", "step": 3}, tmp_path / "other.pt")
-    cases = {
-        "truncated": (good[: len(good) // 2], "not a readable checkpoint"),
-        "random": (os.urandom(4096), "not a readable checkpoint"),
-        "empty": (b"", "not a readable checkpoint"),
-        "other": ((tmp_path / "other.pt").read_bytes(), "written by dcgan_other.py"),
-        "pickle": (pickle.dumps({"script": script}), "not a readable checkpoint"),
-    }
-    for name, (data, words) in cases.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "checkpoint.pt").write_bytes(data)
-        p = run(script, "--out", tmp_path / name, "--resume", ok=2)
-        assert_one_line_error(p, words)
-    # --generate and --interpolate load through the same function: one case is enough for them
-    p = run(script, "--checkpoint", tmp_path / "truncated" / "checkpoint.pt", "--generate", 1, "--out", tmp_path, ok=2)
-    assert_one_line_error(p, "not a readable checkpoint")
+def test_existing_run_is_never_clobbered(script, tmp_path, fault_reference):
+    """A new run into a finished run's --out is refused whatever its flags (a dry run, other --epochs, --max-steps,
+    --seed): checkpoint, losses, config and samples stay byte for byte as they were. (--generate there writes only
+    generated/: test_generate_interpolate_summary_benchmark.)"""
+    out = copy_run(fault_reference(script), tmp_path)
+    before = digest(out)
+    p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
+    assert_one_line_error(p, "--resume", "--out", str(out))
+    assert_one_line_error(call(script, *tiny(script, out, "--dry-run"), ok=2), "--resume", "--out", str(out))
+    assert digest(out) == before
 
 
 class Payload:  # unpickling this would run a shell command
@@ -340,93 +395,142 @@ class Payload:  # unpickling this would run a shell command
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_checkpoint_carrying_code_is_refused_without_running_it(script, tmp_path, monkeypatch):
+def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path, fault_reference, monkeypatch):
+    """--resume with other architecture arguments, and --resume, --generate or --interpolate with a checkpoint that is
+    missing, truncated, not a checkpoint, another script's, or a pickle that would run code: exit 2, one line, nothing
+    written, nothing in the file executed. (In this process: these refusals come before any data or model.)"""
+    out = copy_run(fault_reference(script), tmp_path)
+    before = digest(out)
+    p = call(script, *tiny(script, out, "--resume", "--nz", 50, "--ngf", 16), ok=2)
+    flags = SCRIPTS[script][2]
+    assert_one_line_error(
+        p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16"
+    )
+    assert digest(out) == before
+    p = call(script, "--out", tmp_path / "empty", "--resume", ok=2)
+    assert_one_line_error(p, "no checkpoint at")
+    good = (out / "checkpoint.pt").read_bytes()
+    torch.save({"script": "dcgan_other.py", "step": 3}, tmp_path / "other.pt")
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED", str(marker))
-    evil = {"script": script, "generator": Payload()}
-    (tmp_path / "run").mkdir()
-    torch.save(evil, tmp_path / "run" / "checkpoint.pt")
-    for mode in (["--resume"], ["--generate", 1], ["--interpolate", 2]):
-        p = run(script, "--out", tmp_path / "run", *mode, ok=2)
-        assert_one_line_error(p, "refused, nothing in it was executed")
+    torch.save({"script": script, "generator": Payload()}, tmp_path / "evil.pt")
+    unreadable, refused = "not a readable checkpoint", "refused, nothing in it was executed"
+    evil = (tmp_path / "evil.pt").read_bytes()
+    cases = {
+        "truncated": (good[: len(good) // 2], unreadable, "--resume"),
+        "random": (os.urandom(4096), unreadable, "--resume"),
+        "empty": (b"", unreadable, "--resume"),
+        "other": ((tmp_path / "other.pt").read_bytes(), "written by dcgan_other.py", "--resume"),
+        "pickle": (pickle.dumps({"script": script}), unreadable, "--resume"),
+        "evil": (evil, refused, "--resume"),
+        "evil-generate": (evil, refused, "--generate"),
+        "evil-interpolate": (evil, refused, "--interpolate"),
+        "truncated-generate": (good[: len(good) // 2], unreadable, "--generate"),  # the same loader as --resume
+    }
+    for name, (data, words, mode) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(data)
+        args = {"--resume": [], "--generate": [1], "--interpolate": [2]}[mode]
+        p = call(script, "--out", tmp_path / name, mode, *args, ok=2)
+        assert_one_line_error(p, words)
+        assert sorted(os.listdir(tmp_path / name)) == ["checkpoint.pt"], name
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_finishes_the_step_saves_and_resumes(script, sig, tmp_path):
+def test_signal_finishes_the_step_saves_and_resumes_exactly(script, tmp_path, fault_reference):
+    """Ctrl-C (SIGINT) while training: the step finishes, checkpoint and samples are written, exit 130 with the
+    command that resumes. --resume, given no other argument than --max-steps, continues from the step it names;
+    stopped there by SIGTERM (exit 143), resumed to a --max-steps in mid-epoch, then to the end, the run has the
+    losses.csv, byte for byte, the samples and the G, D, EMA, optimizer and RNG states of a run never stopped
+    (--deterministic --amp off on a CPU)."""
     size, nc, _ = SCRIPTS[script]
-    args = tiny(script, tmp_path / "run", "--epochs", 10000, "--log-every", 5)
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "run" / "losses.csv").exists():
-        time.sleep(0.2)
-    time.sleep(3)  # well into training
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, (out, err)
-    assert "--resume" in out and "Traceback" not in err
-    ck = check_run(tmp_path / "run", size, nc)
-    step = ck["step"]
-    assert step > 0
-    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", step + 3)
-    assert f"resume: step {step} " in p.stdout
-    check_run(tmp_path / "run", size, nc, steps=step + 3)
+    out, stopped = tmp_path / "run", 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        args = tiny(script, out, *FAULT_EXACT) if not stopped else ["--out", out, "--resume"]
+        proc = start(script, *args, "--max-steps", FAULT_STEPS)
+        assert fault_wait(proc, lambda last=stopped: max(fault_csv_steps(out), default=0) > last)  # this run's rows
+        stdout, _ = stop(proc, sig)
+        assert "--resume" in stdout and (not stopped or f"resume: step {stopped} " in stdout), stdout
+        stopped = check_run(out, size, nc)["step"]
+        assert 0 < stopped < FAULT_STEPS - 4
+    middle = (stopped + FAULT_STEPS) // 2
+    middle += middle % config(out)["steps_per_epoch"] == 0  # stop mid-epoch
+    run(script, "--out", out, "--resume", "--max-steps", middle)
+    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS)
+    assert f"resume: step {middle} " in p.stdout
+    ck = check_run(out, size, nc, steps=FAULT_STEPS)
+    ref = fault_reference(script)
+    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
+    fault_same_training_state(ck, load(ref / "checkpoint.pt"))
+    assert digest(out / "samples") == digest(ref / "samples")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(script, tmp_path):
-    run(script, *tiny(script, tmp_path / "run", "--max-steps", 3, "--amp", "off"))
-    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 40, "--lr-d", 1e30, "--lr-g", 1e30, ok=3)
-    assert "NaN or infinite" in p.stderr and "step 3" in p.stderr
-    ck = load(tmp_path / "run" / "checkpoint.pt")
-    assert ck["step"] == 3
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, fault_reference):
+    out = copy_run(fault_reference(script), tmp_path)
+    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 40, "--lr-d", 1e30, "--lr-g", 1e30, ok=3)
+    assert "NaN or infinite" in p.stderr and f"step {FAULT_STEPS}" in p.stderr
+    ck = load(out / "checkpoint.pt")
+    assert ck["step"] == FAULT_STEPS
     for sd in (ck["generator"], ck["discriminator"]):
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_unwritable_out_and_full_disk(script, tmp_path):
+def fault_small_disk(limit):
+    """A preexec_fn: no file may grow past `limit` bytes, like a disk that fills up; writes fail with EFBIG."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
+def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference):
+    """An --out that cannot be made: exit 1 at once. The disk fills while the checkpoint, the sample grid or the
+    losses.csv row of the next step is written: exit 1 and one line naming the file, the previous checkpoint
+    untouched, no temporary file left; and the run resumes where it was, the rows after its checkpoint dropped."""
+    size, nc, _ = SCRIPTS[script]
     (tmp_path / "file").write_text("not a folder")
     p = run(script, *tiny(script, tmp_path / "file" / "run", "--dry-run"), ok=1)
     assert_one_line_error(p, "cannot create --out")
-    run(script, *tiny(script, tmp_path / "run", "--max-steps", 2))
-    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    limit = len(good) // 2  # a file may grow to half a checkpoint: like a disk that fills up during the save
 
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    def disk_full_at(out, limit, *words, extra=()):
+        good = (out / "checkpoint.pt").read_bytes()
+        p = run(script, "--out", out, "--resume", "--max-steps", load(out / "checkpoint.pt")["step"] + 1, *extra, ok=1,
+                preexec_fn=fault_small_disk(limit))  # fmt: skip
+        assert_one_line_error(p, "could not write", *words, "intact")
+        assert (out / "checkpoint.pt").read_bytes() == good
+        assert not list(out.rglob("*.tmp*"))
 
-    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 4, ok=1, preexec_fn=small_disk)
-    assert_one_line_error(p, "could not write", "checkpoint.pt", "intact")
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
-    assert not list((tmp_path / "run").glob("*.tmp*"))
-    run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 4)  # and the run goes on where it was
+    # the checkpoint: a file may grow to half a checkpoint (after 1 step the grids are much smaller than that)
+    out = copy_run(dry_run(script), tmp_path / "dry")
+    limit = (out / "checkpoint.pt").stat().st_size // 2
+    assert all(p.stat().st_size < limit // 2 for p in out.rglob("*.*") if p.name != "checkpoint.pt")
+    disk_full_at(out, limit, "checkpoint.pt")
+    # the grid of the last step, written after its losses.csv row and before its checkpoint: a row or two to spare
+    out = copy_run(fault_reference(script), tmp_path)
+    limit = max((out / f).stat().st_size for f in ("losses.csv", "config.json")) + 1000
+    assert limit < min(p.stat().st_size for p in (out / "samples").glob("*.png"))
+    disk_full_at(out, limit, "samples", ".png")
+    # a row of losses.csv: the resume's rewrite of the file fits, the next row does not
+    limit = (fault_reference(script) / "losses.csv").stat().st_size + 10
+    assert (out / "config.json").stat().st_size < limit - 100
+    disk_full_at(out, limit, "losses.csv", extra=("--log-every", 1))
+    assert rows(out)[FAULT_STEPS - 1][0] == str(FAULT_STEPS)
+    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 3)
+    check_run(out, size, nc, steps=FAULT_STEPS + 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fault injection (issue 6): kills at random moments, exact resumption, full disks, stale files
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fault injection: hard kills, signals before training, stale temporary files, clobbering, full disks (issue 6)
-
-FAULT_STEPS = 48  # length of the reference run every fault below is measured against (10 kills take about 20 steps)
-FAULT_EXACT = ["--deterministic", "--amp", "off", "--epochs", 1000]  # bit-exact on a CPU; --max-steps binds first
+# Fault injection (issue 6): hard kills, signals before training, stale temporary files
 
 
 def fault_slow_data(script):
     """--max-images for about 2 s of loading synthetic data on a CPU: as many pixels as 40000 MNIST digits."""
     return ["--max-images", 40000 * 28**2 // SCRIPTS[script][0] ** 2]
-
-
-def fault_popen(script, *args, stdout=subprocess.PIPE):
-    """Start a script in the background, unbuffered so that a file given as stdout shows how far it got. Its output
-    is small: pipes cannot fill up and block it."""
-    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=stdout, stderr=subprocess.PIPE)
 
 
 def fault_wait(proc, condition, timeout=180, poll=0.001):
@@ -463,7 +567,7 @@ def fault_csv_steps(run_dir):
 def fault_same_training_state(a, b):
     """Two checkpoints hold the same weights, buffers, optimizer states and RNG state, bit for bit."""
     assert a["step"] == b["step"]
-    for key in ("generator", "discriminator"):
+    for key in ("generator", "discriminator", "ema"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
@@ -477,41 +581,25 @@ def fault_same_training_state(a, b):
     assert torch.equal(a["fixed_noise"], b["fixed_noise"])
 
 
-@pytest.fixture(scope="module")
-def fault_reference(tmp_path_factory):
-    """An uninterrupted, deterministic run of FAULT_STEPS steps per script, made once; copy it before changing it."""
-    made = {}
-
-    def get(script):
-        if script not in made:
-            out = tmp_path_factory.mktemp("fault_reference") / "run"
-            run(script, *tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS))
-            made[script] = out
-        return made[script]
-
-    return get
-
-
 @slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fault_sigkill_at_ten_moments_then_resume_matches_an_uninterrupted_run(script, tmp_path, fault_reference):
-    """SIGKILL a run (--save-every 1: a checkpoint is written every step) at 10 moments, each start resuming the last
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
+def test_fault_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script, tmp_path, fault_reference):
+    """SIGKILL a run (--save-every 1: a checkpoint is written every step) at 5 moments, each start resuming the last
     one's checkpoint: while loading data, as the first checkpoint appears, while a resume rewrites config.json and
-    losses.csv, during checkpoint writes, and 1 to 6 steps into training. After every kill the checkpoint loads and
+    losses.csv, during a checkpoint write, and 1 to 6 steps into training. After every kill the checkpoint loads and
     the rows it covers are in losses.csv; after the last, --resume completes the run with the losses, weights,
     optimizer states and sample grids of a run that was never interrupted, and leaves no temporary file behind."""
     size, nc, _ = SCRIPTS[script]
     out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.pt"
     rng = random.Random(6)
-    moments = ["loading", "checkpoint", "config"] + rng.sample(["write"] * 3 + ["delay"] * 4, 7)
     step, report = 0, []
-    for i, moment in enumerate(moments):
+    for i, moment in enumerate(["loading", "checkpoint", "config", "write", "delay"]):
         fresh, started = not ckpt.exists(), time.monotonic()
         if moment == "checkpoint" and not fresh:  # the kill while loading came late: that start left a checkpoint
             moment = "config"
         t0 = time.time_ns()
         args = tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS, "--save-every", 1)
-        proc = fault_popen(script, *(args + ["--resume"] if not fresh else args))
+        proc = start(script, *(args + ["--resume"] if not fresh else args))
         if moment == "loading":  # --out is made just before the data is loaded
             hit = fault_wait(proc, (out / "samples").is_dir)
         elif moment == "checkpoint":  # step 0's checkpoint, written before config.json and losses.csv
@@ -551,61 +639,38 @@ def test_fault_sigkill_at_ten_moments_then_resume_matches_an_uninterrupted_run(s
 
 
 @slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fault_sigterm_and_max_steps_interruptions_resume_bit_exact(script, tmp_path, fault_reference):
-    """--deterministic --amp off on a CPU: stopped by SIGTERM, resumed to a --max-steps in mid-epoch, resumed
-    to the end: the same losses.csv, byte for byte, and the same G, D, optimizer and RNG states as without a stop."""
-    size, nc, _ = SCRIPTS[script]
-    out = tmp_path / "run"
-    proc = fault_popen(script, *tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS))
-    assert fault_wait(proc, lambda: len(fault_csv_steps(out)) > 0)  # the first rows are out (an epoch end)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stdout, stderr)
-    assert "--resume" in stdout and "Traceback" not in stderr
-    stopped = load(out / "checkpoint.pt")["step"]
-    assert 0 < stopped < FAULT_STEPS - 4
-    middle = (stopped + FAULT_STEPS) // 2
-    middle += middle % json.loads((out / "config.json").read_text())["steps_per_epoch"] == 0  # stop mid-epoch
-    run(script, "--out", out, "--resume", "--max-steps", middle)
-    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS)
-    ck = check_run(out, size, nc, steps=FAULT_STEPS)
-    ref = fault_reference(script)
-    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
-    fault_same_training_state(ck, load(ref / "checkpoint.pt"))
-
-
-@slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_fault_sigint_before_training_exits_130_and_leaves_a_usable_run_or_none(script, tmp_path):
-    """Ctrl-C before the training loop: just as a first run's step-0 checkpoint appears, and while a resume loads its
-    data. Exit 130, no traceback; the run resumes, and the interrupted resume changed nothing in it. (Ctrl-C while a
-    first run loads its data: test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir.)"""
+    """Ctrl-C before the training loop: while the step-0 checkpoint is written (made large with --nz 4000, so that
+    the write takes a while), just as a first run's step-0 checkpoint appears, and while a resume loads its data.
+    Exit 130, no traceback, no half-written checkpoint.pt.tmp<pid> left; the run resumes, and the interrupted resume
+    changed nothing in it. (Ctrl-C while a first run loads its data:
+    test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir.)"""
     size, nc, _ = SCRIPTS[script]
     out, ckpt, log = tmp_path / "run", tmp_path / "run" / "checkpoint.pt", tmp_path / "stdout.txt"
 
-    def interrupt(args, condition, delay=0.0):
+    def interrupt(args, condition, delay=0.0, poll=0.001):
         with open(log, "w") as stdout:
-            proc = fault_popen(script, *args, stdout=stdout)
-            assert fault_wait(proc, condition)
+            proc = start(script, *args, stdout=stdout)
+            assert fault_wait(proc, condition(proc), poll=poll)
             time.sleep(delay)
-            proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 130, (proc.returncode, log.read_text(), stderr)
-        assert "Traceback" not in stderr, stderr
-        return stderr
+            return stop(proc, signal.SIGINT, 130)[1]
 
-    def loading():  # setup() has printed the amp line: the data is being loaded, nothing has been written
-        return "amp: " in log.read_text()
+    def loading(proc):  # setup() has printed the amp line: the data is being loaded, nothing has been written
+        return lambda: "amp: " in log.read_text()
 
-    # 1. a first run interrupted as its step-0 checkpoint appears leaves a run that loads
-    interrupt(tiny(script, out), ckpt.exists)
+    # 1. during the step-0 checkpoint write: no temp file left (and no checkpoint, unless the signal came late)
+    interrupt(tiny(script, out, "--nz", 4000), lambda proc: (out / f"checkpoint.pt.tmp{proc.pid}").exists, poll=0.0002)
+    assert not list(out.rglob("*.tmp*"))
+    ckpt.unlink(missing_ok=True)  # a fresh start again
+    # 2. a first run interrupted as its step-0 checkpoint appears leaves a run that loads
+    interrupt(tiny(script, out), lambda proc: ckpt.exists)
     assert load(ckpt)["step"] >= 0
-    # 2. a resume interrupted while it loads its data changes nothing in the run (but removes stale temp files)
+    # 3. a resume interrupted while it loads its data changes nothing in the run (but removes stale temp files)
     before = {k: v for k, v in digest(out).items() if ".tmp" not in k.name}
     assert "interrupted" in interrupt(["--out", out, "--resume", *fault_slow_data(script)], loading, 0.1)
     assert digest(out) == before
-    # 3. and the run goes on
+    # 4. and the run goes on
     step = load(ckpt)["step"]
     run(script, "--out", out, "--resume", "--max-steps", step + 3)
     check_run(out, size, nc, steps=step + 3)
@@ -618,39 +683,20 @@ def test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir(script,
     the data set is missing, no empty run directory left behind."""
     out, log = tmp_path / "run", tmp_path / "stdout.txt"
     with open(log, "w") as stdout:
-        proc = fault_popen(script, *tiny(script, out, *fault_slow_data(script)), stdout=stdout)
+        proc = start(script, *tiny(script, out, *fault_slow_data(script)), stdout=stdout)
         assert fault_wait(proc, lambda: "amp: " in log.read_text())
         time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, (proc.returncode, stderr)
+        _, stderr = stop(proc, signal.SIGINT, 130)
+    assert "interrupted" in stderr
     assert not [p for p in out.rglob("*") if p.is_file()]  # nothing written: a fresh start is not refused
     assert not out.exists(), sorted(map(str, out.rglob("*")))
 
 
-@slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fault_sigint_during_the_step_zero_checkpoint_write_leaves_no_temp_file(script, tmp_path):
-    """Ctrl-C while the step-0 checkpoint is written (made large with --nz 4000, so the write takes a while): exit
-    130, no traceback, and no half-written checkpoint.pt.tmp<pid> left in --out."""
-    out = tmp_path / "run"
-    proc = fault_popen(script, *tiny(script, out, "--nz", 4000))
-    tmp = out / f"checkpoint.pt.tmp{proc.pid}"
-    assert fault_wait(proc, tmp.exists, poll=0.0002)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    if (out / "checkpoint.pt").exists():
-        pytest.skip("the signal arrived after the checkpoint was written")
-    assert proc.returncode == 130 and "Traceback" not in stderr, (proc.returncode, stdout, stderr)
-    assert not list(out.rglob("*.tmp*"))
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_fault_resume_removes_stale_temp_files(script, tmp_path, fault_reference):
     """A write killed half-way leaves <name>.tmp<pid>: --resume removes every one, and nothing else."""
     size, nc, _ = SCRIPTS[script]
-    out = tmp_path / "run"
-    shutil.copytree(fault_reference(script), out)
+    out = copy_run(fault_reference(script), tmp_path)
     half = (out / "checkpoint.pt").read_bytes()[:100_000]
     stale = {
         "checkpoint.pt.tmp4242": half,
@@ -668,90 +714,25 @@ def test_fault_resume_removes_stale_temp_files(script, tmp_path, fault_reference
     check_run(out, size, nc, steps=FAULT_STEPS + 2)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fault_finished_run_is_not_clobbered_by_a_new_run_or_by_generate(script, tmp_path, fault_reference):
-    """A new run into a finished run's --out is refused whatever its flags (other --epochs, --max-steps, --seed), and
-    --generate there writes only generated/: checkpoint, losses, config and samples stay byte for byte as they were."""
-    out = tmp_path / "run"
-    shutil.copytree(fault_reference(script), out)
-    before = digest(out)
-    p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
-    assert_one_line_error(p, "--resume", "--out", str(out))
-    assert digest(out) == before
-    run(script, "--out", out, "--generate", 5)
-    after = digest(out)
-    assert {k: v for k, v in after.items() if k in before} == before
-    assert sorted(map(str, set(after) - set(before))) == [f"generated/{i:06d}.png" for i in range(5)] + [
-        "generated/grid.png"
-    ]
-
-
-def fault_small_disk(limit):
-    """A preexec_fn: no file may grow past `limit` bytes, like a disk that fills up; writes fail with EFBIG."""
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
-@slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fault_disk_full_during_a_sample_grid_write(script, tmp_path, fault_reference):
-    """The disk fills while the grid of the last step is written (after its losses.csv row, before its checkpoint):
-    exit 1 and one line, the grid's temp file removed, the previous checkpoint untouched; the run then resumes."""
-    size, nc, _ = SCRIPTS[script]
-    out = tmp_path / "run"
-    shutil.copytree(fault_reference(script), out)
-    good = (out / "checkpoint.pt").read_bytes()
-    limit = max((out / f).stat().st_size for f in ("losses.csv", "config.json")) + 1000  # a row or two to spare
-    smallest_grid = min(p.stat().st_size for p in (out / "samples").glob("epoch_*.png"))
-    assert limit < smallest_grid < len(good), (limit, smallest_grid, len(good))  # so the grid write is what fails
-    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 1, ok=1, preexec_fn=fault_small_disk(limit))
-    assert_one_line_error(p, "could not write", "samples", ".png", "intact")
-    assert (out / "checkpoint.pt").read_bytes() == good
-    assert not list(out.rglob("*.tmp*"))
-    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 3)
-    check_run(out, size, nc, steps=FAULT_STEPS + 3)
-
-
-@slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fault_disk_full_during_the_losses_csv_append(script, tmp_path, fault_reference):
-    """The disk fills as the first row after a resume is appended to losses.csv (--log-every 1): exit 1 and one line,
-    the previous checkpoint untouched; the next resume drops the torn row and goes on without a gap."""
-    size, nc, _ = SCRIPTS[script]
-    out = tmp_path / "run"
-    shutil.copytree(fault_reference(script), out)
-    good = (out / "checkpoint.pt").read_bytes()
-    limit = (out / "losses.csv").stat().st_size + 10  # the resume's rewrite of losses.csv fits, the next row does not
-    assert (out / "config.json").stat().st_size < limit - 100
-    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 5, "--log-every", 1, ok=1,
-            preexec_fn=fault_small_disk(limit))  # fmt: skip
-    assert_one_line_error(p, "could not write", "losses.csv", "intact")
-    assert (out / "checkpoint.pt").read_bytes() == good
-    assert rows(out)[FAULT_STEPS - 1][0] == str(FAULT_STEPS)
-    run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 3)
-    check_run(out, size, nc, steps=FAULT_STEPS + 3)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # dcgan_mnist.py
 
 
 @slow
 def test_compile_trains_and_checkpoints_the_plain_modules(tmp_path):
+    import dcgan_mnist
+
     run("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / "run", "--max-steps", 3, "--compile"))
     ck = check_run(tmp_path / "run", 28, 1, steps=3)  # no "_orig_mod." keys: saved from the uncompiled modules
     assert ck["args"]["compile"] is True and not any("_orig_mod" in k for k in ck["discriminator"])
-    run("dcgan_mnist.py", "--out", tmp_path / "run", "--generate", 2)  # the plain Generator reads it
+    dcgan_mnist.load_generator(tmp_path / "run" / "checkpoint.pt")  # --generate's plain Generator reads it (strict)
 
 
 def test_mnist_offline_download_fails_cleanly(tmp_path):
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     p = run("dcgan_mnist.py", "--data", tmp_path / "data", "--out", tmp_path / "run", ok=2, env=env)
     assert_one_line_error(p, "MNIST/raw", "train-images-idx3-ubyte.gz", "ossci-datasets")
+    assert re.search(r"\(tried https?://\S+/, got: <urlopen error [^<>]+>\)\. Download", p.stderr), p.stderr  # whole
     p = run("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", cwd=tmp_path, ok=2, env=env)
     assert_one_line_error(p, "FashionMNIST/raw")
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs" / "fashion-mnist28").exists()
@@ -766,30 +747,72 @@ def test_mnist_synthetic_is_deterministic_digits():
     assert 0.05 < ink.mean() < 0.4 and ink.min() > 0.01  # every image has a glyph on a dark background
 
 
-def image_stats(files):
-    x = np.concatenate([np.asarray(Image.open(f), dtype=np.float32).ravel() / 255 for f in files])
-    return x.mean(), (x < 0.25).mean()  # mean intensity, and the share of dark (background) pixels
+def generated(script, run_dir, n):
+    """--generate n from the run in run_dir -> (n, channels, size, size) floats in [0, 1], as written."""
+    run(script, "--out", run_dir, "--generate", n)
+    files = sorted(Path(run_dir, "generated").glob("0*.png"))
+    images = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in files])
+    return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+
+
+def learning_runs(script, tmp_path, flags, steps, n):
+    """A run of `steps` steps and an untrained one (--dry-run) with the same flags -> their --generate n images."""
+    run(script, *flags, "--dry-run", "--out", tmp_path / "untrained")
+    run(script, *flags, "--max-steps", steps, "--out", tmp_path / "trained")
+    return generated(script, tmp_path / "untrained", n), generated(script, tmp_path / "trained", n)
+
+
+def correlations(images, templates):
+    """Normalised correlation (Pearson's r) of every image with every template, flattened: (images, templates)."""
+
+    def unit(x):
+        x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(1, keepdims=True)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+    return unit(images) @ unit(templates).T
+
+
+def digit_templates():
+    """The glyphs of dcgan_mnist.synthetic_digits (Pillow's default font, 40 px on 56 x 56, strokes 0 to 2) under a
+    grid of the jitter it draws from (rotation, scale, shift), 28 x 28 -> (templates, 784) floats, and their digits."""
+    from PIL import ImageDraw, ImageFont
+
+    font, glyphs = ImageFont.load_default(size=40), []
+    for digit, stroke in itertools.product(range(10), (0, 1, 2)):
+        im = Image.new("L", (56, 56))
+        ImageDraw.Draw(im).text((28, 28), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke,
+                                stroke_fill=255)  # fmt: skip
+        glyphs.append(np.asarray(im))
+    glyphs = torch.from_numpy(np.stack(glyphs)).float().div(255).unsqueeze(1)
+    templates = []
+    for angle, scale, dx, dy in itertools.product((-0.25, -0.1, 0.1, 0.25), (0.9, 1.1), *[(-0.1, 0, 0.1)] * 2):
+        cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+        theta = torch.tensor([[cos, -sin, dx], [sin, cos, dy]]).expand(len(glyphs), 2, 3)
+        grid = torch.nn.functional.affine_grid(theta, [len(glyphs), 1, 28, 28], align_corners=False)
+        templates.append(torch.nn.functional.grid_sample(glyphs, grid, align_corners=False).flatten(1))
+    return torch.stack(templates, 1).flatten(0, 1).numpy(), np.arange(10).repeat(len(templates) * 3)
 
 
 @slow
 def test_mnist_learns_the_synthetic_digits(tmp_path):
-    """Statistic: mean pixel intensity of 256 generated digits. An untrained G draws mid-gray (about 0.5), the data
-    is mostly black background (about 0.11); after 400 CPU steps G must have closed >= 50% of that gap (about 60%
-    measured), and its
-    share of dark pixels must be within 0.2 of the data's."""
-    flags = ["--dataset", "synthetic", "--max-images", "2048", "--batch-size", "64", "--ngf", "16", "--ndf", "16"]
-    run("dcgan_mnist.py", *flags, "--dry-run", "--out", tmp_path / "start")
-    run("dcgan_mnist.py", *flags, "--max-steps", 400, "--out", tmp_path / "end")
-    for name in ("start", "end"):
-        run("dcgan_mnist.py", "--out", tmp_path / name, "--generate", 256)
-    import dcgan_mnist
-
-    data = dcgan_mnist.synthetic_digits(2048).float().div(255)
-    data_mean, data_dark = data.mean().item(), (data < 0.25).float().mean().item()
-    start_mean, _ = image_stats(sorted((tmp_path / "start" / "generated").glob("0*.png")))
-    end_mean, end_dark = image_stats(sorted((tmp_path / "end" / "generated").glob("0*.png")))
-    assert abs(end_mean - data_mean) <= 0.5 * abs(start_mean - data_mean), (start_mean, end_mean, data_mean)
-    assert abs(end_dark - data_dark) < 0.2, (end_dark, data_dark)
+    """Each of 500 generated digits is matched against the data set's own glyphs (every digit and stroke under a grid
+    of its jitter) by normalised correlation: its best r says how much it looks like a digit, the template that gives
+    it which one. The data set's own digits score a median of 0.90 (1% of them below 0.76); an untrained G's blurs
+    0.08 to 0.11, none above 0.6. After 200 steps at the default sizes (30 s on one core), seeds 0, 1 and 2 gave
+    medians of 0.72, 0.73 and 0.74, with all ten digits among the samples above 0.6 (the rarest 3.2% to 5% of them):
+    G must reach 0.6 with at least 9 digits that each make 1% of its samples, the untrained G stay below 0.3 with no
+    sample above 0.6."""
+    templates, digit = digit_templates()
+    flags = ["--dataset", "synthetic", "--amp", "off", "--seed", 0]  # default sizes, batch and learning rates
+    for images, trained in zip(learning_runs("dcgan_mnist.py", tmp_path, flags, 200, 500), (False, True)):
+        r = correlations(images, templates)
+        best, which = r.max(1), digit[r.argmax(1)]
+        counts = np.bincount(which[best >= 0.6], minlength=10)
+        print(f"trained {trained}: median best r {np.median(best):.3f}, digits above 0.6: {counts.tolist()}")
+        if trained:
+            assert np.median(best) >= 0.6 and (counts >= 0.01 * len(images)).sum() >= 9, (np.median(best), counts)
+        else:
+            assert np.median(best) < 0.3 and counts.sum() == 0, (np.median(best), counts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1047,33 +1070,18 @@ def test_damaged_cache_is_rebuilt(zoo, tmp_path, capsys, damage):
     assert "rebuilt, the old one was damaged" in capsys.readouterr().out
 
 
-def test_interrupted_build_leaves_no_cache(zoo, tmp_path, monkeypatch):
-    folder = fresh_zoo(zoo, tmp_path)
-    calls = []
-
-    def interrupted(names):  # the second chunk is interrupted, as by Ctrl-C
-        calls.append(names)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return decode_chunk(names)
-
-    decode_chunk = d.decode_chunk
-    monkeypatch.setattr(d, "decode_chunk", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        d.load_dataset(make_args(folder, size=256))  # 4 images per chunk
-    assert len(calls) == 2 and caches(tmp_path) == []
-
-
 def failing_chunk(names):  # module level: the workers find it by name
     raise RuntimeError("disk on fire")
 
 
-def interrupted_chunk(names):
-    raise KeyboardInterrupt
+def interrupted_chunk(names, decode_chunk=d.decode_chunk):
+    if any(name.startswith("c/") for name in names):  # a later chunk: the first ones are decoded and written
+        raise KeyboardInterrupt  # as by Ctrl-C
+    return decode_chunk(names)
 
 
 @pytest.mark.parametrize("failure", [failing_chunk, interrupted_chunk])
-def test_worker_failure_leaves_no_cache(zoo, tmp_path, monkeypatch, failure):
+def test_worker_failure_or_interrupted_build_leaves_no_cache(zoo, tmp_path, monkeypatch, failure):
     folder = fresh_zoo(zoo, tmp_path)
     monkeypatch.setattr(d, "decode_chunk", failure)
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
@@ -1202,10 +1210,7 @@ GRID_SIZE = 8  # images of 8x8 px -> 82x82 px grids
 HEADER = "step,epoch,loss_d,loss_g,d_real,d_fake"
 
 
-def helper_run(script, *args, cwd=ROOT):
-    """Run a helper script; the caller checks the exit code."""
-    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
-    return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+helper_run = partial(run, ok=False, timeout=120)  # a helper script; the caller checks the exit code
 
 
 def cell_value(seed, i):
@@ -1542,26 +1547,30 @@ def test_celeba_data_errors_are_one_line(zoo, tmp_path):
 
 @slow
 def test_celeba_learns_the_synthetic_faces(tmp_path):
-    """Statistic: the contrast of a face, i.e. the standard deviation of its pixel values, averaged over 256 generated
-    faces. An untrained G draws flat gray (about 0.002), the data's faces about 0.195; after 300 CPU steps at 32x32 G
-    must have closed >= 25% of that gap (45% measured)."""
-    flags = ["--dataset", "synthetic", "--size", "32", "--max-images", "1024", "--batch-size", "32", "--ngf", "16",
-             "--ndf", "16", "--amp", "off"]  # fmt: skip
-    run("dcgan_celeba.py", *flags, "--dry-run", "--out", tmp_path / "start")
-    run("dcgan_celeba.py", *flags, "--max-steps", 300, "--out", tmp_path / "end")
+    """Each of 256 generated faces is compared with the 4096 training faces by normalised correlation over all pixels
+    and colours (so that a flat gray image is not close to a pale face): its best r says how much it looks like a
+    face of the data, the face that gives it which one. The layout: how far the colour of its centre (the face) is
+    from that of its top corners (the background), summed over R, G, B. Held-out faces of the data score medians of
+    r 0.87 and layout 0.63 (245 distinct nearest faces); an untrained G's flat gray 0.08 to 0.26 and 0.002; 256
+    copies of the mean face r 0.85, layout 0.36 but 1 distinct nearest face; blurred noise r 0.39. After 400 steps at
+    32 x 32 with G and D half the default width (35 s on one core), seeds 0, 1 and 2 gave r 0.63, 0.65, 0.65, layout
+    0.44, 0.36, 0.33 and 132, 133, 216 distinct nearest faces (with the dcgan_celeba.py of the EMA warm-up: r 0.67,
+    0.64, 0.59, layout 0.26, 0.35, 0.39, and 76, 144, 190 faces): G must reach r 0.5, layout 0.15 and 32 faces, while
+    the untrained G stays below r 0.3 and layout 0.05."""
+    flags = ["--dataset", "synthetic", "--size", 32, "--ngf", 32, "--ndf", 32, "--batch-size", 32, "--amp", "off",
+             "--seed", 0]  # fmt: skip
+    faces = d.synthetic_faces(4096, 32).float().div(255).numpy()  # the training set: --max-images is 4096 at 32
+    for images, trained in zip(learning_runs("dcgan_celeba.py", tmp_path, flags, 400, 256), (False, True)):
+        r = correlations(images, faces)
+        best, nearest = np.median(r.max(1)), len(set(r.argmax(1).tolist()))
+        corners = np.concatenate([images[:, :, :4, :4], images[:, :, :4, -4:]], 3).mean((2, 3))
+        layout = np.median(np.abs(images[:, :, 12:20, 12:20].mean((2, 3)) - corners).sum(1))
+        print(f"trained {trained}: median best r {best:.3f}, layout {layout:.3f}, {nearest} distinct nearest faces")
+        if trained:
+            assert best >= 0.5 and layout >= 0.15 and nearest >= 32, (best, layout, nearest)
+        else:
+            assert best < 0.3 and layout < 0.05, (best, layout)
 
-    def contrast(name):
-        run("dcgan_celeba.py", "--out", tmp_path / name, "--generate", 256)
-        files = sorted((tmp_path / name / "generated").glob("0*.png"))
-        return np.mean([(np.asarray(Image.open(f), np.float32) / 255).std() for f in files])
-
-    data = d.synthetic_faces(1024, 32).float().div(255).std((1, 2, 3)).mean().item()
-    start, end = contrast("start"), contrast("end")
-    assert data - end <= 0.75 * (data - start), (start, end, data)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# dcgan_hires.py: torchrun, streaming from disk with bounded memory, 256x256, its defaults
 
 # ----------------------------------------------------------------------------------------------------------------
 # dcgan_hires.py: DDP under torchrun, the streaming cache, 256x256, its own defaults
@@ -1572,71 +1581,67 @@ HIRES = "dcgan_hires.py"
 def torchrun(*args, nproc=2, ok=True, timeout=300):
     """dcgan_hires.py under `torchrun --standalone --nproc_per_node 2` on the CPU (DDP over gloo), one thread per
     process so that two of them share two cores."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / HIRES), *map(str, args)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    p = subprocess.run(command(HIRES, *args, nproc=nproc), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=env, check=False)  # fmt: skip
     assert ok is not True or p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
 
 
 @slow
 def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_path):
-    """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process;
-    stopped mid-epoch (--max-steps) and resumed under torchrun, the run matches an uninterrupted one bit for bit."""
-    exact = ["--deterministic", "--log-every", 2]
-    p = torchrun(*tiny(HIRES, tmp_path / "a", "--epochs", 3, *exact))
+    """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process.
+    Stopped mid-epoch (--max-steps), refused without --resume, resumed under torchrun, stopped there by a SIGTERM to
+    torchrun, which passes it on to both ranks (they agree on a step, rank 0 saves), and resumed to the end: the run
+    matches an uninterrupted one bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    exact = ["--epochs", 10, "--deterministic", "--log-every", 2]
+    p = torchrun(*tiny(HIRES, a, *exact))
     assert p.stdout.count("seed: 0") == 1 and "ddp: 2 processes over gloo" in p.stdout and "Traceback" not in p.stderr
-    config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["steps_per_epoch"] == 32 // (8 * 2)  # 4 in one process
-    ck = check_run(tmp_path / "a", 128, 3, steps=6)
-    assert ck["epoch"] == 3 and [int(r[1]) for r in rows(tmp_path / "a")] == [1, 1, 2, 2, 3, 3]
-    assert sorted(f.name for f in (tmp_path / "a" / "samples").iterdir()) == [
-        "epoch_001.png", "epoch_002.png", "epoch_003.png", "real.png"]  # fmt: skip
-    torchrun(*tiny(HIRES, tmp_path / "b", "--epochs", 3, "--max-steps", 3, *exact))
-    check_run(tmp_path / "b", 128, 3, steps=3)
-    before = digest(tmp_path / "b")
-    p = torchrun(*tiny(HIRES, tmp_path / "b", "--epochs", 3), ok=False)  # no --resume: every rank refuses
-    assert p.returncode != 0 and "add --resume to continue it" in p.stderr and digest(tmp_path / "b") == before
-    p = torchrun("--out", tmp_path / "b", "--resume")  # the other arguments come from the checkpoint
-    assert "resume: step 3 (epoch 1)" in p.stdout
-    check_run(tmp_path / "b", 128, 3, steps=6)
-    assert rows(tmp_path / "a") == rows(tmp_path / "b")
-    a, b = load(tmp_path / "a" / "checkpoint.pt"), load(tmp_path / "b" / "checkpoint.pt")
-    for net in ("generator", "discriminator", "ema"):
-        assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
-    run(HIRES, "--out", tmp_path / "b", "--generate", 2)  # a DDP checkpoint is a plain one
-    assert Image.open(tmp_path / "b" / "generated" / "000001.png").size == (128, 128)
-
-
-@slow
-def test_hires_torchrun_sigterm_stops_every_rank_after_the_same_step_and_resumes(tmp_path):
-    """SIGTERM to torchrun, which passes it on to both ranks: they agree on a step, rank 0 saves, both exit 143."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / HIRES),
-           *map(str, tiny(HIRES, tmp_path / "run", "--epochs", 10000, "--log-every", 5))]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
-    csv_path, deadline = tmp_path / "run" / "losses.csv", time.time() + 120
-    while time.time() < deadline and not (csv_path.exists() and len(rows(tmp_path / "run")) >= 5):
-        time.sleep(0.2)
+    conf = config(a)
+    assert conf["world_size"] == 2 and conf["steps_per_epoch"] == 32 // (8 * 2)  # 4 in one process
+    ck = check_run(a, 128, 3, steps=20)
+    assert ck["epoch"] == 10 and [int(r[1]) for r in rows(a)] == [e for e in range(1, 11) for _ in "ab"]
+    assert sorted(f.name for f in (a / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, 11)] + [
+        "real.png"
+    ]
+    torchrun(*tiny(HIRES, b, *exact, "--max-steps", 3))
+    check_run(b, 128, 3, steps=3)
+    before = digest(b)
+    p = torchrun(*tiny(HIRES, b, *exact), ok=False)  # no --resume: every rank refuses
+    assert p.returncode != 0 and "add --resume to continue it" in p.stderr and digest(b) == before
+    proc = start(HIRES, "--out", b, "--resume", nproc=2)  # the other arguments come from the checkpoint
+    assert fault_wait(proc, lambda: len(fault_csv_steps(b)) >= 8, poll=0.01)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
-    ck = check_run(tmp_path / "run", 128, 3)
+    assert "resume: step 3 (epoch 1)" in out and "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
     step = int(re.search(r"stopped after step (\d+)", out).group(1))
-    assert ck["step"] == step >= 5
-    p = torchrun("--out", tmp_path / "run", "--resume", "--max-steps", step + 2)
-    assert f"resume: step {step} " in p.stdout
-    check_run(tmp_path / "run", 128, 3, steps=step + 2)
+    assert check_run(b, 128, 3)["step"] == step and 8 <= step < 20
+    stale = [b / "checkpoint.pt.tmp999999", b / "samples" / "epoch_002.png.tmp999998"]  # left by a killed run
+    for f in stale:
+        f.write_bytes(b"half-written")
+    p = torchrun("--out", b, "--resume")  # rank 0 alone removes them: no race between the ranks over one file
+    assert f"resume: step {step} " in p.stdout and "Traceback" not in p.stderr
+    assert not any(f.exists() for f in stale)
+    check_run(b, 128, 3, steps=20)
+    assert rows(a) == rows(b)
+    ck_a, ck_b = load(a / "checkpoint.pt"), load(b / "checkpoint.pt")
+    for net in ("generator", "discriminator", "ema"):
+        assert ck_a[net].keys() == ck_b[net].keys(), net
+        assert all(torch.equal(ck_a[net][k], ck_b[net][k]) for k in ck_a[net]), net
+    run(HIRES, "--out", b, "--generate", 2)  # a DDP checkpoint is a plain one
+    assert Image.open(b / "generated" / "000001.png").size == (128, 128)
 
 
-@slow
-def test_hires_torchrun_refusals_are_clean(tmp_path):
-    run(HIRES, *tiny(HIRES, tmp_path / "run", "--dry-run"))
-    p = torchrun("--out", tmp_path / "run", "--generate", 1, ok=False)
-    assert p.returncode != 0 and "runs in one process" in p.stderr
-    p = torchrun(*tiny(HIRES, tmp_path / "sync", "--dry-run", "--sync-bn"), ok=False)
-    assert p.returncode != 0 and "--sync-bn needs CUDA GPUs" in p.stderr and not (tmp_path / "sync").exists()
+def test_hires_torchrun_refusals_are_clean(tmp_path, dry_run):
+    """What a rank of `torchrun --nproc_per_node 2` refuses before it joins the others, each rank alike: --generate
+    (one process), --sync-bn on CPUs. Tried on one rank, in the environment torchrun gives it."""
+    rank = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2")
+    ckpt = dry_run(HIRES) / "checkpoint.pt"
+    p = run(HIRES, "--checkpoint", ckpt, "--out", tmp_path / "run", "--generate", 1, ok=2, env=rank)
+    assert "runs in one process" in p.stderr and not (tmp_path / "run").exists()
+    p = run(HIRES, *tiny(HIRES, tmp_path / "sync", "--dry-run", "--sync-bn"), ok=2, env=rank)
+    assert "--sync-bn needs CUDA GPUs" in p.stderr and not (tmp_path / "sync").exists()
 
 
 def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path, capsys):
@@ -1728,7 +1733,7 @@ def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(t
 
 
 def test_hires_256_model_is_under_50m_parameters_and_trains(tmp_path):
-    p = run(HIRES, "--size", 256, "--summary")  # default widths: ngf = ndf = 64, capped at 8x
+    p = call(HIRES, "--size", 256, "--summary")  # default widths: ngf = ndf = 64, capped at 8x
     totals = [int(t.replace(",", "")) for t in re.findall(r"total parameters: ([\d,]+)", p.stdout)]
     assert len(totals) == 2 and sum(totals) < 50e6, totals
     assert "(512, 4, 4)" in p.stdout and "(3, 256, 256)" in p.stdout
@@ -1740,26 +1745,26 @@ def test_hires_256_model_is_under_50m_parameters_and_trains(tmp_path):
     assert Image.open(tmp_path / "run" / "generated" / "000000.png").size == (256, 256)
 
 
-def test_hires_defaults_differ_from_celeba_and_each_turns_off(tmp_path):
-    help_text = " ".join(run(HIRES, "--help").stdout.split())
+def test_hires_defaults_differ_from_celeba_and_each_turns_off(tmp_path, dry_run):
+    help_text = " ".join(call(HIRES, "--help").stdout.split())
     assert "--spectral-norm, --no-spectral-norm" in help_text and "BatchNorm (default: True)" in help_text
-    size, nc, flags = SCRIPTS[HIRES]
-    run(HIRES, *flags, "--dry-run", "--out", tmp_path / "on")
-    config = json.loads((tmp_path / "on" / "config.json").read_text())
-    assert (config["spectral_norm"], config["label_smoothing"], config["ema"]) == (True, 0.1, 0.999)
-    assert config["batch_size"] == 8 and config["size"] == 128 and config["world_size"] == 1
-    ck = check_run(tmp_path / "on", size, nc, steps=1)
+    size, nc, _ = SCRIPTS[HIRES]
+    on = dry_run(HIRES)  # tiny(HIRES) --dry-run: the defaults but for the sizes
+    conf = config(on)
+    assert (conf["spectral_norm"], conf["label_smoothing"], conf["ema"]) == (True, 0.1, 0.999)
+    assert conf["batch_size"] == 8 and conf["size"] == 128 and conf["world_size"] == 1
+    ck = check_run(on, size, nc, steps=1)
     assert "ema" in ck and any("parametrizations" in k for k in ck["discriminator"])
     off = ["--no-spectral-norm", "--label-smoothing", 0, "--ema", 0]
     run(HIRES, *tiny(HIRES, tmp_path / "off", "--dry-run", *off))
-    config = json.loads((tmp_path / "off" / "config.json").read_text())
-    assert (config["spectral_norm"], config["label_smoothing"], config["ema"]) == (False, 0.0, 0.0)
+    conf = config(tmp_path / "off")
+    assert (conf["spectral_norm"], conf["label_smoothing"], conf["ema"]) == (False, 0.0, 0.0)
     ck = check_run(tmp_path / "off", size, nc, steps=1)
     assert "ema" not in ck and not any("parametrizations" in k for k in ck["discriminator"])
     assert any("running_mean" in k for k in ck["discriminator"])  # BatchNorm in D, as in the paper
-    p = run(HIRES, "--out", tmp_path / "off", "--resume", "--spectral-norm", ok=2)
+    p = call(HIRES, "--out", tmp_path / "off", "--resume", "--spectral-norm", ok=2)
     assert_one_line_error(p, "--spectral-norm False (checkpoint) vs True")
-    p = run(HIRES, "--dataset", "celeba-hq", "--data", tmp_path / "nothing", "--out", tmp_path / "hq", ok=2)
+    p = call(HIRES, "--dataset", "celeba-hq", "--data", tmp_path / "nothing", "--out", tmp_path / "hq", ok=2)
     assert_one_line_error(p, "no images", "CelebA-HQ", "--download cannot fetch them")
     assert not (tmp_path / "hq").exists()
 
@@ -1768,34 +1773,36 @@ def test_hires_defaults_differ_from_celeba_and_each_turns_off(tmp_path):
 # Flag combinations a review found broken: fp16, resume with other flags, EMA, amp auto, label-smoothing dtype
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_fp16_with_several_g_steps_and_amp_switched_on_resume(script, tmp_path):
-    """One GradScaler per optimizer, each updated after its own step; --amp may change in every direction on resume."""
+def test_fp16_with_several_g_steps_and_amp_switched_on_resume(tmp_path):
+    """One GradScaler per optimizer, each updated after its own step; --amp may change in every direction on resume.
+    train_step, optimizer_step and restore are the same in every script (test_shared_helpers_are_identical...)."""
+    script = "dcgan_mnist.py"
     run(script, *tiny(script, tmp_path / "run", "--amp", "fp16", "--g-steps", 2, "--max-steps", 2))
     ck = load(tmp_path / "run" / "checkpoint.pt")
     assert ck["scaler_g"]["scale"] > 0 and ck["scaler_d"]["scale"] > 0  # two scalers, each with its own state
-    for step, amp in enumerate(["off", "fp16", "bf16", "fp16"], start=3):
+    for step, amp in enumerate(["off", "fp16", "bf16"], start=3):
         p = run(script, "--out", tmp_path / "run", "--resume", "--amp", amp, "--max-steps", step)
         assert f"amp: {amp}" in p.stdout
-    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=6)
+    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=5)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_flags_typed_with_resume_take_effect(script, tmp_path):
-    run(script, *tiny(script, tmp_path / "run", "--max-steps", 1))
-    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
-    ck = load(tmp_path / "run" / "checkpoint.pt")
+def test_flags_typed_with_resume_take_effect(script, tmp_path, dry_run):
+    out = copy_run(dry_run(script), tmp_path)
+    run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
+    ck = load(out / "checkpoint.pt")
     assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
     for opt in ("opt_g", "opt_d"):
         assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
     assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 and ck["opt_d"]["param_groups"][0]["lr"] == 2e-4
-    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 3, "--d-optim", "sgd")
+    p = run(script, "--out", out, "--resume", "--max-steps", 3, "--d-optim", "sgd")
     assert "resume: --d-optim sgd: D's optimizer starts afresh (the run used adam)" in p.stdout
-    ck = load(tmp_path / "run" / "checkpoint.pt")
+    ck = load(out / "checkpoint.pt")
     assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9 and ck["args"]["beta1"] == 0.3  # the rest from the run
-    p = run(script, "--out", tmp_path / "run", "--resume", "--max-steps", 4, "--batch-size", 4, ok=2)
+    before = digest(out)
+    p = call(script, "--out", out, "--resume", "--max-steps", 4, "--batch-size", 4, ok=2)
     assert_one_line_error(p, "--resume", "--batch-size", "an epoch is")
-    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=3)
+    assert digest(out) == before
 
 
 def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
@@ -1853,7 +1860,7 @@ def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_shows_one_true_default_per_flag(script):
-    out = run(script, "--help").stdout
+    out = call(script, "--help").stdout
     assert "(default: None)" not in out and "default: runs/<dataset>" in out
     for block in re.split(r"\n  (?=-)", out):
         assert block.count("(default") <= 1, block
@@ -1864,27 +1871,26 @@ def test_help_shows_one_true_default_per_flag(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_g_act_and_d_norm_shape_the_networks_and_are_kept_on_resume(script, tmp_path):
+def test_g_act_and_d_norm_shape_the_networks_and_are_kept_on_resume(script, tmp_path, dry_run):
     flags = SCRIPTS[script][2]
-    summary = run(script, *flags, "--summary", "--g-act", "leaky", "--spectral-norm", "--d-norm", "batch").stdout
+    summary = call(script, *flags, "--summary", "--g-act", "leaky", "--spectral-norm", "--d-norm", "batch").stdout
     g, d = summary.split("Discriminator")
     assert "LeakyReLU" in g and "ReLU " not in g.replace("LeakyReLU", "")
     assert "ParametrizedConv2d" in d and "BatchNorm2d" in d
-    assert "BatchNorm2d" not in run(script, *flags, "--summary", "--d-norm", "none").stdout.split("Discriminator")[1]
+    assert "BatchNorm2d" not in call(script, *flags, "--summary", "--d-norm", "none").stdout.split("Discriminator")[1]
     run(script, *tiny(script, tmp_path / "run", "--dry-run", "--g-act", "leaky", "--d-norm", "none"))
     ck = load(tmp_path / "run" / "checkpoint.pt")
     assert (ck["args"]["g_act"], ck["args"]["d_norm"]) == ("leaky", "none")
     assert not any("running_mean" in k for k in ck["discriminator"]) or script == HIRES  # hires: SN by default
-    p = run(script, "--out", tmp_path / "run", "--resume", "--g-act", "relu", "--d-norm", "batch", ok=2)
+    p = call(script, "--out", tmp_path / "run", "--resume", "--g-act", "relu", "--d-norm", "batch", ok=2)
     assert_one_line_error(p, "--g-act leaky (checkpoint) vs relu", "--d-norm none (checkpoint) vs batch")
     # a checkpoint written before these flags existed: missing keys mean ReLU and BatchNorm unless spectral norm
-    ck = load(tmp_path / "run" / "checkpoint.pt")
-    run(script, *tiny(script, tmp_path / "old", "--dry-run"))
-    old = load(tmp_path / "old" / "checkpoint.pt")
-    del old["args"]["g_act"], old["args"]["d_norm"]
-    torch.save(old, tmp_path / "old" / "checkpoint.pt")
-    run(script, "--out", tmp_path / "old", "--resume", "--max-steps", 2)
-    run(script, "--out", tmp_path / "old", "--generate", 2)
+    old = copy_run(dry_run(script), tmp_path / "old")
+    ck = load(old / "checkpoint.pt")
+    del ck["args"]["g_act"], ck["args"]["d_norm"]
+    torch.save(ck, old / "checkpoint.pt")
+    run(script, "--out", old, "--resume", "--max-steps", 2)
+    assert isinstance(importlib.import_module(script[:-3]).load_generator(old / "checkpoint.pt").main[2], torch.nn.ReLU)
 
 
 def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
@@ -1897,9 +1903,9 @@ def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
         flags = tiny("dcgan_mnist.py", tmp_path / schedule, "--epochs", 1, "--instance-noise", 0.5)
         m.main([*map(str, flags), "--noise-schedule", schedule])  # in this process, to see every sigma
         assert load(tmp_path / schedule / "checkpoint.pt")["args"]["noise_schedule"] == schedule
-    steps = 256 // 32  # one epoch; noisy() is called 3 times a step (real, fake for D, fake for G)
     for sig, handler in handlers.items():  # train() installed its own
         signal.signal(sig, handler)
+    steps = 256 // 32  # one epoch; noisy() is called 3 times a step (real, fake for D, fake for G)
     assert sigmas["constant"] == [0.5] * 3 * steps
     assert sigmas["anneal"][::3] == [0.5 * (1 - s / steps) for s in range(steps)]
 
@@ -1912,16 +1918,16 @@ def readme_block(heading):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypatch):
-    run(script, *tiny(script, tmp_path / "run", "--dry-run", "--ema", 0.9))
+def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypatch, fault_reference):
+    out = fault_reference(script)  # a run with --ema
     module = importlib.import_module(script[:-3])
-    G = module.load_generator(tmp_path / "run" / "checkpoint.pt")
-    ck = load(tmp_path / "run" / "checkpoint.pt")
+    G = module.load_generator(out / "checkpoint.pt")
+    ck = load(out / "checkpoint.pt")
     assert not G.training and all(torch.equal(v, ck["ema"][k]) for k, v in G.state_dict().items())
     size, nc, _ = SCRIPTS[script]
     assert G(torch.randn(2, G.nz, 1, 1)).shape == (2, nc, size, size)
     code = readme_block("Use a trained generator from Python")[0]
-    code = code.replace("dcgan_celeba", script[:-3]).replace("runs/celeba64", str(tmp_path / "run"))
+    code = code.replace("dcgan_celeba", script[:-3]).replace("runs/celeba64", str(out))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example, run as a user would)
     grid = Image.open(tmp_path / "grid.png")
