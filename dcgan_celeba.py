@@ -76,14 +76,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def number(kind, lo=None, hi=None):
+def number(kind, lo, hi=math.inf):
     """An argparse type: kind(text), checked against [lo, hi)."""
 
     def parse(text):
-        value = kind(text)
-        if (lo is not None and value < lo) or (hi is not None and value >= hi):
-            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi if hi is not None else 'inf'})")
-        return value
+        if not lo <= kind(text) < hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi})")
+        return kind(text)
 
     return parse
 
@@ -136,9 +135,9 @@ def parse_args(argv=None):
     tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
                         "unless --spectral-norm)")  # fmt: skip
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="real target 1-S")
-    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D's inputs")
-    tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="instance noise "
-                        "annealed to 0 over the run, or constant")  # fmt: skip
+    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D's inputs, "
+                        "annealed to 0 over the run or constant (--noise-schedule)")  # fmt: skip
+    tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="its sigma")
     tricks.add_argument("--g-steps", type=number(int, 1), default=1, help="G updates per D update")
     tricks.add_argument("--d-optim", default="adam", choices=["adam", "sgd"], help="D optimizer (sgd: momentum 0.9)")
     tricks.add_argument("--spectral-norm", action="store_true", help="spectral norm on D's convolutions")
@@ -827,15 +826,15 @@ def load_generator(path, device="cpu"):
 class Log:
     """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps."""
 
-    def __init__(self, args, device, step):
-        self.path, self.out, self.n, self.saved = os.path.join(args.out, "losses.csv"), args.out, 0, step
+    def __init__(self, args, step):
+        self.path, self.out, self.saved = os.path.join(args.out, "losses.csv"), args.out, step
         kept = []
         if os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
             with open(self.path, newline="") as f:
                 kept = [r for r in list(csv.reader(f))[1:] if len(r) >= 6 and r[0].isdigit() and int(r[0]) <= step]
         atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS, *kept]).encode()))
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 (open for the whole run)
-        self.buf = torch.zeros(args.log_every, 4, device=device)
+        self.pending = []  # [loss_d, loss_g, d_real, d_fake] of each step since the last flush, on the device
         self.tb = None
         if args.tensorboard:
             try:
@@ -844,13 +843,9 @@ class Log:
                 die("--tensorboard needs the tensorboard package: pip install tensorboard")
             self.tb = SummaryWriter(os.path.join(args.out, "tb"))
 
-    def add(self, stats):
-        self.buf[self.n] = stats
-        self.n += 1
-
     def flush(self, step, epoch):
         """Write the buffered rows and return the last; stop the run at the first non-finite one."""
-        values, self.n = self.buf[: self.n].tolist(), 0
+        values, self.pending = torch.stack(self.pending).tolist(), []
         first, finite = step - len(values) + 1, []
         for v in values:
             if not all(map(math.isfinite, v)):
@@ -945,7 +940,7 @@ def train(args, ck=None):
                      "torchvision": torchvision.__version__, "numpy": np.__version__},
     }  # fmt: skip
     atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-    log = Log(args, device, step)
+    log = Log(args, step)
     if step >= total:
         print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
         return
@@ -966,12 +961,12 @@ def train(args, ck=None):
             sigma = args.instance_noise  # annealed to 0 over the planned run, whatever --max-steps says
             if args.noise_schedule == "anneal":
                 sigma *= max(0.0, 1 - step / (args.epochs * steps_per_epoch))
-            log.add(train_step(m, preprocess(real, args), args, sigma, step))
+            log.pending.append(train_step(m, preprocess(real, args), args, sigma, step))
             step += 1
             bar.update(args.batch_size)
             epoch_end, last = step % steps_per_epoch == 0, step >= total or bool(stop)
             save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
-            if log.n == args.log_every or save:
+            if len(log.pending) == args.log_every or save:
                 r = log.flush(step, epoch + 1)  # the one host-device sync per --log-every steps
                 stats = f"loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.2f}  D(G(z)) {r[3]:.2f}"
                 bar.set_postfix_str(stats)
@@ -1011,11 +1006,9 @@ def generate(args):
     G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
     folder = os.path.join(args.out, "generated")
     os.makedirs(folder, exist_ok=True)
-    images = []
     with torch.no_grad():
-        for i in range(0, args.generate, 256):
-            images.append(to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device))))
-    images = torch.cat(images)
+        images = torch.cat([to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device)))
+                            for i in range(0, args.generate, 256)])  # fmt: skip
     for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
         save_png(img, os.path.join(folder, f"{i:06d}.png"))
     save_png(make_grid(images[:64], nrow=8, padding=2)[: images.size(1)], os.path.join(folder, "grid.png"))
