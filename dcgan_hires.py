@@ -296,32 +296,6 @@ def build(args, device, amp):
     )  # fmt: skip
 
 
-def noisy(x, sigma):
-    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D
-    return x + sigma * torch.randn_like(x) if sigma else x
-
-
-def optimizer_step(opt, net, scaler, loss, clip):
-    """Backward and step; with fp16 through the optimizer's own GradScaler, updated after each of its steps."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip:
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(net.parameters(), clip)  # foreach norm on the device, no sync
-    scaler.step(opt)
-    scaler.update()
-
-
-@torch.no_grad()
-def update_ema(ema, G, decay):
-    """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
-    for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
-        if e.is_floating_point():
-            e.lerp_(g, 1 - decay)
-        else:  # BatchNorm's num_batches_tracked
-            e.copy_(g)
-
-
 def train_step(m, real, args, sigma, step):
     """One D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as a device tensor."""
     # no .item() in here: it would make the CPU wait for the GPU every step
@@ -353,6 +327,32 @@ def train_step(m, real, args, sigma, step):
     m.D.requires_grad_(True)
     probs = torch.stack([out_real.sigmoid().mean(), out_fake.sigmoid().mean()])
     return torch.cat([torch.stack([loss_d, loss_g]), probs]).detach()
+
+
+def noisy(x, sigma):
+    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D
+    return x + sigma * torch.randn_like(x) if sigma else x
+
+
+def optimizer_step(opt, net, scaler, loss, clip):
+    """Backward and step; with fp16 through the optimizer's own GradScaler, updated after each of its steps."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(net.parameters(), clip)  # foreach norm on the device, no sync
+    scaler.step(opt)
+    scaler.update()
+
+
+@torch.no_grad()
+def update_ema(ema, G, decay):
+    """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
+    for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
+        if e.is_floating_point():
+            e.lerp_(g, 1 - decay)
+        else:  # BatchNorm's num_batches_tracked
+            e.copy_(g)
 
 
 # ----------------------------------------------------------------------------------------------------------------
