@@ -505,7 +505,7 @@ def build_cache(source, names, path, size, crop, workers):
         raise
     finally:
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(cancel_futures=True)  # waits for the workers: none is left writing to a closed pipe at exit
 
 
 def cache_folder(args):
