@@ -134,6 +134,7 @@ def call(script, *args, ok=True):
     and torchvision takes."""
     module, argv, out, err = importlib.import_module(script[:-3]), sys.argv, io.StringIO(), io.StringIO()
     sys.argv, code = [str(ROOT / script), *map(str, args)], 0
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train() installs its own
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             module.main()
@@ -141,6 +142,8 @@ def call(script, *args, ok=True):
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         sys.argv = argv
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     p = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
     want = 0 if ok is True else ok
     assert want is False or p.returncode == want, f"exit {p.returncode}, wanted {want}\n{p.stdout}\n{p.stderr}"
@@ -305,7 +308,7 @@ def test_generate_interpolate_summary_benchmark(script, tmp_path, fault_referenc
         assert im.size == (size, size) and im.mode == ("L" if nc == 1 else "RGB")
     after = digest(out)  # --generate in a finished run writes generated/ and nothing else
     assert {k: after[k] for k in before} == before and len(after) == len(before) + len(files)
-    run(script, "--out", out, "--interpolate", 3)
+    call(script, "--out", out, "--interpolate", 3)  # nothing trains: in this process
     gif = Image.open(out / "interpolation.gif")
     assert gif.n_frames == 4 * 3
     p = call(script, *flags, "--summary")
@@ -332,7 +335,7 @@ def test_every_training_trick_runs(script, tmp_path):
 
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_tensorboard_is_optional(script, tmp_path):
-    p = run(script, *tiny(script, tmp_path / "run", "--dry-run", "--tensorboard"), ok=False)
+    p = call(script, *tiny(script, tmp_path / "run", "--dry-run", "--tensorboard"), ok=False)  # refused before training
     try:
         import tensorboard  # noqa: F401
 
@@ -494,7 +497,7 @@ def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference
     untouched, no temporary file left; and the run resumes where it was, the rows after its checkpoint dropped."""
     size, nc, _ = SCRIPTS[script]
     (tmp_path / "file").write_text("not a folder")
-    p = run(script, *tiny(script, tmp_path / "file" / "run", "--dry-run"), ok=1)
+    p = call(script, *tiny(script, tmp_path / "file" / "run", "--dry-run"), ok=1)  # before any model: in this process
     assert_one_line_error(p, "cannot create --out")
 
     def disk_full_at(out, limit, *words, extra=()):
@@ -728,12 +731,15 @@ def test_compile_trains_and_checkpoints_the_plain_modules(tmp_path):
     dcgan_mnist.load_generator(tmp_path / "run" / "checkpoint.pt")  # --generate's plain Generator reads it (strict)
 
 
-def test_mnist_offline_download_fails_cleanly(tmp_path):
+def test_mnist_offline_download_fails_cleanly(tmp_path, monkeypatch):
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     p = run("dcgan_mnist.py", "--data", tmp_path / "data", "--out", tmp_path / "run", ok=2, env=env)
     assert_one_line_error(p, "MNIST/raw", "train-images-idx3-ubyte.gz", "ossci-datasets")
     assert re.search(r"\(tried https?://\S+/, got: <urlopen error [^<>]+>\)\. Download", p.stderr), p.stderr  # whole
-    p = run("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", cwd=tmp_path, ok=2, env=env)
+    for name, value in env.items():  # the second one in this process: refused before any model
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    p = call("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", ok=2)
     assert_one_line_error(p, "FashionMNIST/raw")
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs" / "fashion-mnist28").exists()
 
@@ -748,8 +754,9 @@ def test_mnist_synthetic_is_deterministic_digits():
 
 
 def generated(script, run_dir, n):
-    """--generate n from the run in run_dir -> (n, channels, size, size) floats in [0, 1], as written."""
-    run(script, "--out", run_dir, "--generate", n)
+    """--generate n from the run in run_dir -> (n, channels, size, size) floats in [0, 1], as written. Nothing trains:
+    in this process (the same main(), as test_generate_interpolate_summary_benchmark runs it for real)."""
+    call(script, "--out", run_dir, "--generate", n)
     files = sorted(Path(run_dir, "generated").glob("0*.png"))
     images = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in files])
     return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
@@ -1524,7 +1531,9 @@ def test_celeba_cache_is_reused_and_rebuilt_when_the_source_changes(zoo, tmp_pat
     assert "rebuilt, the old one was damaged" in train("g", "--max-images", 5)
 
 
-def test_celeba_data_errors_are_one_line(zoo, tmp_path):
+def test_celeba_data_errors_are_one_line(zoo, tmp_path, monkeypatch):
+    """Refused while loading the data, before any model: the first case as a user runs it, the others in this
+    process (the same main())."""
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     (tmp_path / "broken").mkdir()
     for name in zoo[2]:
@@ -1537,11 +1546,16 @@ def test_celeba_data_errors_are_one_line(zoo, tmp_path):
         (["--data", tmp_path / "dl", "--download"], ["could not download CelebA", "Kaggle"]),
         (["--dataset", "cifar10", "--data", tmp_path / "c10"], ["cifar-10-batches-py", "cifar-10-python.tar.gz"]),
     ]
-    for flags, words in cases:
-        p = run("dcgan_celeba.py", *flags, *CELEBA, "--out", tmp_path / "run", ok=2, env=env)
+    for i, (flags, words) in enumerate(cases):
+        if i == 0:
+            p = run("dcgan_celeba.py", *flags, *CELEBA, "--out", tmp_path / "run", ok=2, env=env)
+            for name in ("http_proxy", "https_proxy"):
+                monkeypatch.setenv(name, env[name])
+        else:
+            p = call("dcgan_celeba.py", *flags, *CELEBA, "--out", tmp_path / "run", ok=2)
         assert_one_line_error(p, *words)
         assert not (tmp_path / "run").exists()
-    p = run("dcgan_celeba.py", "--dataset", "cifar10", "--size", "64", ok=2)
+    p = call("dcgan_celeba.py", "--dataset", "cifar10", "--size", "64", ok=2)
     assert "--size 32" in p.stderr
 
 
@@ -1741,7 +1755,7 @@ def test_hires_256_model_is_under_50m_parameters_and_trains(tmp_path):
              "--amp", "off"]  # fmt: skip
     run(HIRES, *flags, "--dry-run", "--out", tmp_path / "run")
     check_run(tmp_path / "run", 256, 3, steps=1)
-    run(HIRES, "--out", tmp_path / "run", "--generate", 2)
+    call(HIRES, "--out", tmp_path / "run", "--generate", 2)  # nothing trains: in this process
     assert Image.open(tmp_path / "run" / "generated" / "000000.png").size == (256, 256)
 
 
