@@ -323,14 +323,21 @@ def test_generate_interpolate_summary_benchmark(script, tmp_path, fault_referenc
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_training_trick_runs(script, tmp_path):
+def test_every_training_trick_runs_and_g_act_d_norm_are_kept_on_resume(script, tmp_path):
+    """Every trick at once, --g-act leaky and --d-norm none among them (one launch): --g-act and --d-norm are kept in
+    the checkpoint, and a --resume that types other values is refused."""
     size, nc, _ = SCRIPTS[script]
     tricks = ["--label-smoothing", 0.1, "--instance-noise", 0.1, "--g-steps", 2, "--d-optim", "sgd", "--spectral-norm",
-              "--d-dropout", 0.2, "--clip-grad", 1.0, "--ema", 0.99, "--lr-g", 4e-4, "--lr-d", 1e-4]  # fmt: skip
+              "--d-dropout", 0.2, "--clip-grad", 1.0, "--ema", 0.99, "--lr-g", 4e-4, "--lr-d", 1e-4, "--g-act", "leaky",
+              "--d-norm", "none"]  # fmt: skip
     run(script, *tiny(script, tmp_path / "run", "--max-steps", 3, *tricks))
     ck = check_run(tmp_path / "run", size, nc, steps=3)
     assert any("parametrizations" in k for k in ck["discriminator"]) and "ema" in ck
     assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9
+    assert (ck["args"]["g_act"], ck["args"]["d_norm"]) == ("leaky", "none")
+    assert not any("running_mean" in k for k in ck["discriminator"]) or script == HIRES  # hires: SN by default
+    p = call(script, "--out", tmp_path / "run", "--resume", "--g-act", "relu", "--d-norm", "batch", ok=2)
+    assert_one_line_error(p, "--g-act leaky (checkpoint) vs relu", "--d-norm none (checkpoint) vs batch")
 
 
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
@@ -379,7 +386,7 @@ def test_bad_argument_values_are_argparse_errors(script, tmp_path):
         assert "usage:" in p.stderr and bad[0] in p.stderr and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", TRAIN_LOOPS)  # the refusal is in train(), dcgan_celeba.py's is mnist's
 def test_existing_run_is_never_clobbered(script, tmp_path, fault_reference):
     """A new run into a finished run's --out is refused whatever its flags (a dry run, other --epochs, --max-steps,
     --seed): checkpoint, losses, config and samples stay byte for byte as they were. (--generate there writes only
@@ -440,7 +447,9 @@ def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path,
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# dcgan_celeba.py stops and resumes with mnist's train(); its BatchSource resumed mid-epoch, batch for batch, is
+# test_batch_source_order_resume_and_paths
+@pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_signal_finishes_the_step_saves_and_resumes_exactly(script, tmp_path, fault_reference):
     """Ctrl-C (SIGINT) while training: the step finishes, checkpoint and samples are written, exit 130 with the
     command that resumes. --resume, given no other argument than --max-steps, continues from the step it names;
@@ -1462,12 +1471,13 @@ def test_plot_epoch_axis_and_smoothing_in_process():
     assert plot_losses.ema(raw, 0.9)[0] == 1.0 and plot_losses.ema(np.full(5, 2.0), 0.9) == pytest.approx(2.0)
 
 
-def test_helpers_on_a_real_run(tmp_path):
-    run("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / "run", "--epochs", 3, "--sample-every", 4))
+def test_helpers_on_a_real_run(tmp_path, fault_reference):
+    copy_run(fault_reference("dcgan_mnist.py"), tmp_path)  # 5 epochs, a step grid every 10 steps
+    epochs = len(list((tmp_path / "run" / "samples").glob("epoch_*.png")))
     p = helper_run("make_gif.py", tmp_path / "run", "--label", "--first", 16)
     assert p.returncode == 0, p.stderr
     gif = Image.open(tmp_path / "run" / "training.gif")
-    assert gif.n_frames == 3 and gif.size[0] == 4 * 28 + 10
+    assert epochs > 1 and gif.n_frames == epochs and gif.size[0] == 4 * 28 + 10
     assert helper_run("make_gif.py", tmp_path / "run", "--steps").returncode == 0
     assert Image.open(tmp_path / "run" / "training_steps.gif").n_frames == len(
         list((tmp_path / "run" / "samples").glob("step_*"))
@@ -1801,9 +1811,15 @@ def test_fp16_with_several_g_steps_and_amp_switched_on_resume(tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_flags_typed_with_resume_take_effect(script, tmp_path, dry_run):
+def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, tmp_path, dry_run):
+    """The flags typed with --resume win; the first resume is of a checkpoint written before --g-act and --d-norm
+    existed: missing keys mean ReLU and BatchNorm unless spectral norm."""
     out = copy_run(dry_run(script), tmp_path)
+    ck = load(out / "checkpoint.pt")
+    del ck["args"]["g_act"], ck["args"]["d_norm"]
+    torch.save(ck, out / "checkpoint.pt")
     run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
+    assert isinstance(importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt").main[2], torch.nn.ReLU)
     ck = load(out / "checkpoint.pt")
     assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
     for opt in ("opt_g", "opt_d"):
@@ -1885,26 +1901,15 @@ def test_help_shows_one_true_default_per_flag(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_g_act_and_d_norm_shape_the_networks_and_are_kept_on_resume(script, tmp_path, dry_run):
+def test_g_act_and_d_norm_shape_the_networks(script):
+    """(Kept on resume: test_every_training_trick_runs_and_g_act_d_norm_are_kept_on_resume; an old checkpoint without
+    them: test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint.)"""
     flags = SCRIPTS[script][2]
     summary = call(script, *flags, "--summary", "--g-act", "leaky", "--spectral-norm", "--d-norm", "batch").stdout
     g, d = summary.split("Discriminator")
     assert "LeakyReLU" in g and "ReLU " not in g.replace("LeakyReLU", "")
     assert "ParametrizedConv2d" in d and "BatchNorm2d" in d
     assert "BatchNorm2d" not in call(script, *flags, "--summary", "--d-norm", "none").stdout.split("Discriminator")[1]
-    run(script, *tiny(script, tmp_path / "run", "--dry-run", "--g-act", "leaky", "--d-norm", "none"))
-    ck = load(tmp_path / "run" / "checkpoint.pt")
-    assert (ck["args"]["g_act"], ck["args"]["d_norm"]) == ("leaky", "none")
-    assert not any("running_mean" in k for k in ck["discriminator"]) or script == HIRES  # hires: SN by default
-    p = call(script, "--out", tmp_path / "run", "--resume", "--g-act", "relu", "--d-norm", "batch", ok=2)
-    assert_one_line_error(p, "--g-act leaky (checkpoint) vs relu", "--d-norm none (checkpoint) vs batch")
-    # a checkpoint written before these flags existed: missing keys mean ReLU and BatchNorm unless spectral norm
-    old = copy_run(dry_run(script), tmp_path / "old")
-    ck = load(old / "checkpoint.pt")
-    del ck["args"]["g_act"], ck["args"]["d_norm"]
-    torch.save(ck, old / "checkpoint.pt")
-    run(script, "--out", old, "--resume", "--max-steps", 2)
-    assert isinstance(importlib.import_module(script[:-3]).load_generator(old / "checkpoint.pt").main[2], torch.nn.ReLU)
 
 
 def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
