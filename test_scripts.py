@@ -1494,10 +1494,20 @@ def test_helpers_on_a_real_run(tmp_path, fault_reference):
 CELEBA = ["--size", "32", "--batch-size", "4", "--ngf", "8", "--ndf", "8", "--amp", "off", "--workers", "2"]
 
 
-@pytest.mark.parametrize("source", ["folder", "nested", "zip", "torchvision-root"])
+def check_odd_images_run(p, zoo, run_dir):
+    """A --dry-run on the image zoo: every readable file is an image, the unreadable ones skipped in one warning."""
+    _, good, bad = zoo
+    assert f"data: {len(good)} images" in p.stdout and "built" in p.stdout
+    warning = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and f"skipped {len(bad)} unreadable" in warning[0] and "truncated.jpg" in warning[0]
+    check_run(run_dir, 32, 3, steps=1)
+
+
+# a plain folder: the first run of test_celeba_cache_is_reused_and_rebuilt_when_the_source_changes
+@pytest.mark.parametrize("source", ["nested", "zip", "torchvision-root"])
 def test_celeba_trains_on_folders_and_zips_of_odd_images(zoo, tmp_path, source):
-    folder, good, bad = zoo
-    data = {"folder": folder, "nested": tmp_path / "x" / "y" / "zoo", "zip": tmp_path / "img_align_celeba.zip",
+    folder = zoo[0]
+    data = {"nested": tmp_path / "x" / "y" / "zoo", "zip": tmp_path / "img_align_celeba.zip",
             "torchvision-root": tmp_path / "root"}[source]  # fmt: skip
     if source == "nested":
         shutil.copytree(folder, data)
@@ -1509,28 +1519,28 @@ def test_celeba_trains_on_folders_and_zips_of_odd_images(zoo, tmp_path, source):
         shutil.move(tmp_path / "img_align_celeba.zip", data / "celeba" / "img_align_celeba.zip")
     cache = tmp_path / "cache"
     p = run("dcgan_celeba.py", "--data", data, "--cache-dir", cache, *CELEBA, "--dry-run", "--out", tmp_path / "run")
-    assert f"data: {len(good)} images" in p.stdout and "built" in p.stdout
-    warning = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and f"skipped {len(bad)} unreadable" in warning[0] and "truncated.jpg" in warning[0]
-    check_run(tmp_path / "run", 32, 3, steps=1)
+    check_odd_images_run(p, zoo, tmp_path / "run")
     assert len(list(cache.glob("*.u8.npy"))) == 1
 
 
 def test_celeba_cache_is_reused_and_rebuilt_when_the_source_changes(zoo, tmp_path):
+    """The image zoo as a plain folder (its unreadable files too), the cache next to it by default."""
     folder = tmp_path / "faces"
     shutil.copytree(zoo[0], folder)
-    shutil.rmtree(folder / "broken")
 
-    def train(name, *extra):
-        return run("dcgan_celeba.py", "--data", folder, *CELEBA, "--dry-run", "--out", tmp_path / name, *extra).stdout
+    def train(name, *extra, p=False):
+        p_ = run("dcgan_celeba.py", "--data", folder, *CELEBA, "--dry-run", "--out", tmp_path / name, *extra)
+        return p_ if p else p_.stdout
 
-    assert "built" in train("a") and "reused" in train("b")
+    check_odd_images_run(train("a", p=True), zoo, tmp_path / "a")  # built
+    assert "reused" in train("b")
     caches = sorted(tmp_path.glob("faces.*.u8.npy"))  # next to the data by default
     assert len(caches) == 1
     Image.new("RGB", (50, 60), "red").save(folder / "new.png")  # a file added: rebuilt, the stale cache removed
     assert f"data: {len(zoo[1]) + 1} images" in (out := train("c")) and "built" in out
     assert sorted(tmp_path.glob("faces.*.u8.npy")) != caches and len(list(tmp_path.glob("faces.*.u8.npy"))) == 1
-    (folder / "new.png").unlink()
+    (folder / "new.png").unlink()  # files removed: rebuilt (the unreadable ones too: --max-images counts files)
+    shutil.rmtree(folder / "broken")
     assert "built" in train("d")
     out = train("e", "--max-images", 5)
     assert "data: 5 images" in out and "built" in out
@@ -1653,7 +1663,7 @@ def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_pa
     for net in ("generator", "discriminator", "ema"):
         assert ck_a[net].keys() == ck_b[net].keys(), net
         assert all(torch.equal(ck_a[net][k], ck_b[net][k]) for k in ck_a[net]), net
-    run(HIRES, "--out", b, "--generate", 2)  # a DDP checkpoint is a plain one
+    call(HIRES, "--out", b, "--generate", 2)  # a DDP checkpoint is a plain one (nothing trains: in this process)
     assert Image.open(b / "generated" / "000001.png").size == (128, 128)
 
 
