@@ -1849,16 +1849,18 @@ def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, t
 def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
     """--ema 0.999 for 80 steps: without warm-up 92% of the EMA weights would still be the random initialisation.
     With it, EMA samples are close to the live generator's, far from an untrained one's (BatchNorm statistics in
-    the average too)."""
+    the average too). At half the default widths (--ngf 16: 7 s instead of 13; seeds 0, 1, 2 gave EMA-to-live
+    distances of 0.18, 0.16, 0.20 of the untrained-to-live one, EMA contrast 0.93 to 0.96 of the live G's)."""
     import dcgan_mnist as m
 
-    flags = ["--dataset", "synthetic", "--max-images", 2048, "--max-steps", 80, "--ema", 0.999, "--amp", "off"]
+    flags = ["--dataset", "synthetic", "--max-images", 2048, "--max-steps", 80, "--ema", 0.999, "--amp", "off", "--ngf",
+             16, "--ndf", 16]  # fmt: skip
     run("dcgan_mnist.py", *flags, "--out", tmp_path / "run")
     ck = load(tmp_path / "run" / "checkpoint.pt")
     assert not any(k.startswith("module.") for k in ck["ema"])
     assert not torch.equal(ck["ema"]["main.1.running_mean"], ck["generator"]["main.1.running_mean"])
     torch.manual_seed(0)  # the run's seed: the generator the run started from
-    nets = {"untrained": m.Generator(100, 32), "live": m.Generator(100, 32), "ema": m.Generator(100, 32)}
+    nets = {"untrained": m.Generator(100, 16), "live": m.Generator(100, 16), "ema": m.Generator(100, 16)}
     nets["live"].load_state_dict(ck["generator"])
     nets["ema"].load_state_dict(ck["ema"])
     with torch.no_grad():
