@@ -80,7 +80,7 @@ SCRIPTS = {
             "--size",
             "128",
             "--max-images",
-            "32",
+            "64",  # 8 steps an epoch: fewer epoch ends (a 1024 x 1024 grid each) in the 40 steps of the fault runs
             "--batch-size",
             "8",
             "--ngf",
@@ -1630,18 +1630,18 @@ def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_pa
     torchrun, which passes it on to both ranks (they agree on a step, rank 0 saves), and resumed to the end: the run
     matches an uninterrupted one bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
-    exact = ["--epochs", 10, "--deterministic", "--log-every", 2]
+    exact = ["--epochs", 5, "--deterministic", "--log-every", 2]
     p = torchrun(*tiny(HIRES, a, *exact))
     assert p.stdout.count("seed: 0") == 1 and "ddp: 2 processes over gloo" in p.stdout and "Traceback" not in p.stderr
     conf = config(a)
-    assert conf["world_size"] == 2 and conf["steps_per_epoch"] == 32 // (8 * 2)  # 4 in one process
+    assert conf["world_size"] == 2 and conf["steps_per_epoch"] == 64 // (8 * 2)  # 8 in one process
     ck = check_run(a, 128, 3, steps=20)
-    assert ck["epoch"] == 10 and [int(r[1]) for r in rows(a)] == [e for e in range(1, 11) for _ in "ab"]
-    assert sorted(f.name for f in (a / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, 11)] + [
+    assert ck["epoch"] == 5 and [int(r[1]) for r in rows(a)] == [e for e in range(1, 6) for _ in range(4)]
+    assert sorted(f.name for f in (a / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, 6)] + [
         "real.png"
     ]
-    torchrun(*tiny(HIRES, b, *exact, "--max-steps", 3))
-    check_run(b, 128, 3, steps=3)
+    torchrun(*tiny(HIRES, b, *exact, "--max-steps", 5))  # in the middle of epoch 2
+    check_run(b, 128, 3, steps=5)
     before = digest(b)
     p = torchrun(*tiny(HIRES, b, *exact), ok=False)  # no --resume: every rank refuses
     assert p.returncode != 0 and "add --resume to continue it" in p.stderr and digest(b) == before
@@ -1649,7 +1649,7 @@ def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_pa
     assert fault_wait(proc, lambda: len(fault_csv_steps(b)) >= 8, poll=0.01)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert "resume: step 3 (epoch 1)" in out and "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
+    assert "resume: step 5 (epoch 1)" in out and "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
     step = int(re.search(r"stopped after step (\d+)", out).group(1))
     assert check_run(b, 128, 3)["step"] == step and 8 <= step < 20
     stale = [b / "checkpoint.pt.tmp999999", b / "samples" / "epoch_002.png.tmp999998"]  # left by a killed run
