@@ -773,8 +773,9 @@ def generated(script, run_dir, n):
 
 
 def learning_runs(script, tmp_path, flags, steps, n):
-    """A run of `steps` steps and an untrained one (--dry-run) with the same flags -> their --generate n images."""
-    run(script, *flags, "--dry-run", "--out", tmp_path / "untrained")
+    """A run of `steps` steps and an untrained one (--dry-run) with the same flags -> their --generate n images. The
+    run under test as a user starts it; the untrained reference (one step) in this process."""
+    call(script, *flags, "--dry-run", "--out", tmp_path / "untrained")
     run(script, *flags, "--max-steps", steps, "--out", tmp_path / "trained")
     return generated(script, tmp_path / "untrained", n), generated(script, tmp_path / "trained", n)
 
