@@ -9,11 +9,10 @@ Train (downloads MNIST to ./data; about a minute on a current GPU, a few minutes
 CPU smoke test, no download, no GPU:
     python dcgan_mnist.py --dataset synthetic --epochs 1
     python dcgan_mnist.py --dataset synthetic --dry-run --out /tmp/smoke
-Continue a run to 20 epochs in total, sample from it, walk its latent space:
+Continue a run to 20 epochs in total, sample from it, walk its latent space, list and time the networks:
     python dcgan_mnist.py --epochs 20 --resume
     python dcgan_mnist.py --generate 1000
     python dcgan_mnist.py --interpolate 16
-Inspect and measure:
     python dcgan_mnist.py --summary
     python dcgan_mnist.py --benchmark 50
 From Python:
@@ -31,8 +30,6 @@ import itertools
 import json
 import math
 import os
-import pickle
-import platform
 import signal
 import socket
 import sys
@@ -47,7 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torch.nn.utils import parametrize
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
@@ -116,9 +112,8 @@ def parse_args(argv=None):
     tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
                         "unless --spectral-norm)")  # fmt: skip
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="real target 1-S")
-    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) on D's inputs, "
-                        "annealed to 0 over the run or constant (--noise-schedule)")  # fmt: skip
-    tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="its sigma")
+    tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) noise on D's inputs")
+    tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="anneal: SIGMA to 0")
     tricks.add_argument("--g-steps", type=number(int, 1), default=1, help="G updates per D update")
     tricks.add_argument("--d-optim", default="adam", choices=["adam", "sgd"], help="D optimizer (sgd: momentum 0.9)")
     tricks.add_argument("--spectral-norm", action="store_true", help="spectral norm on D's convolutions")
@@ -151,7 +146,7 @@ def die(msg, code=2):
 def weights_init(m):
     # the paper: every weight from N(0, 0.02), BatchNorm scale from N(1, 0.02)
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+        w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight  # spectral norm's
         nn.init.normal_(w, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.normal_(m.weight, 1.0, 0.02)
@@ -236,10 +231,12 @@ def build(args, device, amp):
     )  # fmt: skip
 
 
-def train_step(m, real, args, sigma, step):
-    """One D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as a device tensor."""
-    # no .item() in here: it would make the CPU wait for the GPU every step
+def train_step(m, real, args, step, steps):
+    """Step `step` of the `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake]
+    as a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
+    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D, annealed to 0
+    sigma = args.instance_noise * (max(0.0, 1 - step / steps) if args.noise_schedule == "anneal" else 1.0)
     ############################
     # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
     ############################
@@ -270,7 +267,6 @@ def train_step(m, real, args, sigma, step):
 
 
 def noisy(x, sigma):
-    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D
     return x + sigma * torch.randn_like(x) if sigma else x
 
 
@@ -316,7 +312,7 @@ def synthetic_digits(n, seed=0):
     angle, scale = (torch.rand(n, generator=g) - 0.5) * 0.6, 0.85 + 0.35 * torch.rand(n, generator=g)
     shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.3
     cos, sin = angle.cos() * scale, angle.sin() * scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack([cos, -sin, shift[:, 0], sin, cos, shift[:, 1]], 1).view(n, 2, 3)
     pick = torch.randint(len(glyphs), (n,), generator=g)
     grid = F.affine_grid(theta, [n, NC, SIZE, SIZE], align_corners=False)
     return F.grid_sample(glyphs[pick], grid, align_corners=False).mul(255).round().to(torch.uint8)
@@ -382,35 +378,30 @@ def atomic_write(path, write, sync=False):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # also Ctrl-C: no half-written temporary file stays behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
         cause = e if isinstance(e, OSError) else e.__context__  # torch.save: a RuntimeError raised over the OSError
         if not isinstance(cause, OSError) or not isinstance(e, Exception):
             raise
         die(f"could not write {path}: {cause.strerror or cause}. Files written before are intact.", 1)
 
 
-def save_png(chw, path):
-    """One uint8 CHW image (1 or 3 channels) as an L or RGB PNG."""
-    arr = chw.permute(1, 2, 0).numpy()
-    atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
-
-
 def to_uint8(x):
     return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
 
 
-def save_grid(images, path):
-    """An 8x8 grid with 2-pixel gaps, in the data's own channels."""
-    save_png(make_grid(to_uint8(images), nrow=8, padding=2)[: images.size(1)], path)
+def save_png(images, path):
+    """uint8 (N, C, H, W) as one PNG in the data's own channels: the image when N is 1, else a grid 8 wide."""
+    arr = make_grid(images, nrow=8, padding=2)[: images.size(1)].permute(1, 2, 0).numpy()
+    atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
 
 
 @torch.no_grad()
 def sample(m, fixed_noise):
+    """The fixed-noise images, uint8, from the EMA of G when there is one."""
     net = m.ema if m.ema is not None else m.G
     net.eval()
     with m.autocast():
-        images = net(fixed_noise)
+        images = to_uint8(net(fixed_noise))
     net.train(m.ema is None)
     return images
 
@@ -439,12 +430,12 @@ def load_checkpoint(path):
             warnings.simplefilter("ignore")
             ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (code in the pickle, truncated zip, random bytes, empty file)
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL " in str(e):  # it names a function or class to call
+        if "GLOBAL " in str(e):  # it names a function or class to call
             die(f"{path} holds objects other than plain data ({str(e).split('GLOBAL ')[1].split()[0]}); refused, "
                 "nothing in it was executed")  # fmt: skip
         die(f"{path} is not a readable checkpoint: truncated, corrupt or not a checkpoint ({type(e).__name__})")
-    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
-        script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
+    script = ck.get("script", "an unknown program") if isinstance(ck, dict) else "an unknown program"
+    if script != SCRIPT:
         die(f"{path} was written by {script}, not {SCRIPT}")
     return ck
 
@@ -460,10 +451,8 @@ def restore(m, ck, args, device):
     else:
         print(f"resume: --d-optim {args.d_optim}: D's optimizer starts afresh (the run used {ck['args']['d_optim']})")
     for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):
-        for group in opt.param_groups:
-            group["lr"] = lr
-            if "betas" in group:
-                group["betas"] = (args.beta1, args.beta2)
+        for group in opt.param_groups:  # SGD ignores the betas
+            group.update(lr=lr, betas=(args.beta1, args.beta2))
     if m.ema is not None:
         m.ema.load_state_dict(ck.get("ema") or ck["generator"])
     for scaler, key in ((m.scaler_g, "scaler_g"), (m.scaler_d, "scaler_d")):
@@ -507,46 +496,30 @@ class Log:
     def flush(self, step, epoch):
         """Write the buffered rows and return the last; stop the run at the first non-finite one."""
         values, self.pending = torch.stack(self.pending).tolist(), []
-        first, finite = step - len(values) + 1, []
-        for v in values:
-            if not all(map(math.isfinite, v)):
-                break
-            finite.append(v)
         try:  # the disk write happens at flush(): both belong in the try
-            for i, v in enumerate(finite):
-                self.file.write(f"{first + i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
+            for i, v in enumerate(values, step - len(values) + 1):
+                if not all(map(math.isfinite, v)):
+                    self.file.flush()
+                    self.diverged(f"the losses at step {i}")
+                self.file.write(f"{i},{epoch}," + ",".join(f"{x:.6g}" for x in v) + "\n")
+                for name, x in zip(COLUMNS[2:], v if self.tb else []):
+                    self.tb.add_scalar(name, x, i)
             self.file.flush()
         except OSError as e:
             die(f"could not write {self.path}: {e.strerror}. Files written before are intact.", 1)
-        for i, v in enumerate(finite if self.tb else []):
-            for name, x in zip(COLUMNS[2:], v):
-                self.tb.add_scalar(name, x, first + i)
-        if len(finite) < len(values):
-            self.diverged(f"the losses at step {first + len(finite)}")
-        return finite[-1]
+        return values[-1]
 
     def diverged(self, what):
         die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
             f"kept in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
 
 
-def resolve_amp(amp, device):
-    """--amp auto: bf16 where the hardware runs it natively, else fp16 with GradScaler on GPUs, off on CPUs."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":  # T4/V100-class GPUs emulate bf16, slowly: fp16 there
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
-    return "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
-
-
 def setup(args):
     """Seed, device and precision, one line each."""
     torch.manual_seed(args.seed)
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(k for k, ok in available.items() if ok) if args.device == "auto" else args.device
+    if not available[name]:
         die(f"--device {name}: not available on this machine")
     device = torch.device(name)
     if args.deterministic:
@@ -554,7 +527,12 @@ def setup(args):
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not args.deterministic  # fixed shapes: let cuDNN time its kernels once
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
-    amp = resolve_amp(args.amp, device)
+    amp = args.amp  # auto: bf16 where the hardware runs it natively, else fp16 with GradScaler on GPUs, off on CPUs
+    if amp == "auto" and device.type == "cuda":  # T4/V100-class GPUs emulate bf16, slowly: fp16 there
+        amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    elif amp == "auto":
+        cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+        amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
     print(f"seed: {args.seed}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"amp: {amp}")
@@ -591,13 +569,13 @@ def train(args, ck=None):
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
         real = torch.cat(list(itertools.islice(batches.epoch(0), -(-64 // args.batch_size))))  # 64, whatever the batch
         real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
-        save_grid(preprocess(real, args), os.path.join(args.out, "samples", "real.png"))
+        save_png(to_uint8(preprocess(real, args)), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
     config = vars(args) | {
         "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "numpy": np.__version__},
     }  # fmt: skip
     atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
@@ -619,10 +597,8 @@ def train(args, ck=None):
         bar = tqdm(total=steps_per_epoch * args.batch_size, initial=(step % steps_per_epoch) * args.batch_size,
                    unit="img", unit_scale=True, desc=f"epoch {epoch + 1}", disable=None, leave=False)  # fmt: skip
         for real in batches.epoch(epoch, step % steps_per_epoch):
-            sigma = args.instance_noise  # annealed to 0 over the planned run, whatever --max-steps says
-            if args.noise_schedule == "anneal":
-                sigma *= max(0.0, 1 - step / (args.epochs * steps_per_epoch))
-            log.pending.append(train_step(m, preprocess(real, args), args, sigma, step))
+            # instance noise is annealed over the planned run, whatever --max-steps says
+            log.pending.append(train_step(m, preprocess(real, args), args, step, args.epochs * steps_per_epoch))
             step += 1
             bar.update(args.batch_size)
             epoch_end, last = step % steps_per_epoch == 0, step >= total or bool(stop)
@@ -632,12 +608,12 @@ def train(args, ck=None):
                 stats = f"loss_d {r[0]:.3f}  loss_g {r[1]:.3f}  D(x) {r[2]:.2f}  D(G(z)) {r[3]:.2f}"
                 bar.set_postfix_str(stats)
             if args.sample_every and step % args.sample_every == 0:
-                save_grid(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
+                save_png(sample(m, fixed_noise), os.path.join(args.out, "samples", f"step_{step:07d}.png"))
             if epoch_end or last:
                 images = sample(m, fixed_noise)
-                save_grid(images, os.path.join(args.out, "samples", f"epoch_{epoch + 1:03d}.png"))
+                save_png(images, os.path.join(args.out, "samples", f"epoch_{epoch + 1:03d}.png"))
                 if log.tb:
-                    log.tb.add_images("samples", to_uint8(images), step)
+                    log.tb.add_images("samples", images, step)
             if save:
                 norms = torch.stack([p.detach().norm() for p in (*m.G.parameters(), *m.D.parameters())])
                 if not torch.isfinite(norms).all():
@@ -671,19 +647,17 @@ def generate(args):
         images = torch.cat([to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device)))
                             for i in range(0, args.generate, 256)])  # fmt: skip
     for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
-        save_png(img, os.path.join(folder, f"{i:06d}.png"))
-    save_png(make_grid(images[:64], nrow=8, padding=2)[: images.size(1)], os.path.join(folder, "grid.png"))
+        save_png(img[None], os.path.join(folder, f"{i:06d}.png"))
+    save_png(images[:64], os.path.join(folder, "grid.png"))
     print(f"wrote {len(images)} images and grid.png to {folder}")
-
-
-def slerp(a, b, t):
-    """Spherical interpolation: Gaussian latents live near a sphere (White 2016, https://arxiv.org/abs/1609.04468)."""
-    omega = torch.acos((F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1, keepdim=True).clamp(-1, 1))
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega).clamp_min(1e-6)
 
 
 def interpolate(args):
     import imageio.v3 as iio
+
+    def slerp(a, b, t):  # spherical: Gaussian latents live near a sphere (White 2016, https://arxiv.org/abs/1609.04468)
+        omega = torch.acos((F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1, keepdim=True).clamp(-1, 1))
+        return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega).clamp_min(1e-6)
 
     device, _ = setup(args)
     G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
@@ -722,15 +696,12 @@ def benchmark(args):
     real = preprocess(torch.randint(0, 256, (args.batch_size, NC, SIZE, SIZE), dtype=torch.uint8, device=device), args)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
-        m.net_g, m.net_d, compiled = m.G, m.D, (m.net_g, m.net_d)
-        train_step(m, real, args, 0.0, 0)
-    m.net_g, m.net_d = compiled
-    for step in range(5):  # warm-up: cuDNN autotuning, torch.compile, allocator
-        train_step(m, real, args, 0.0, step)
-    sync()
-    t0 = time.perf_counter()
-    for step in range(args.benchmark):
-        train_step(m, real, args, 0.0, step)
+        train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 0, 1)
+    for step in range(5 + args.benchmark):
+        if step == 5:  # after the warm-up: cuDNN autotuning, torch.compile, allocator
+            sync()
+            t0 = time.perf_counter()
+        train_step(m, real, args, step, 5 + args.benchmark)
     sync()
     dt = time.perf_counter() - t0
     flops = counter.get_total_flops()

@@ -1878,11 +1878,19 @@ def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_amp_auto_takes_bf16_only_where_it_is_native(script, monkeypatch):
     module = importlib.import_module(script[:-3])
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert module.resolve_amp("auto", torch.device("cuda")) == "fp16"  # a T4/V100: emulated bf16 only
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert module.resolve_amp("auto", torch.device("cuda")) == "bf16"
-    assert module.resolve_amp("off", torch.device("cuda")) == "off"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # setup() on a pretend GPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+    def amp(flag, native):
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native
+        )
+        return module.setup(module.parse_args(["--device", "cuda", "--amp", flag])[0])[1]
+
+    assert amp("auto", native=False) == "fp16"  # a T4/V100: emulated bf16 only
+    assert amp("auto", native=True) == "bf16"
+    assert amp("off", native=True) == "off"
 
 
 def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
@@ -1898,7 +1906,7 @@ def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
     monkeypatch.setattr(m.F, "binary_cross_entropy_with_logits", spy)
     args, _ = m.parse_args(["--dataset", "synthetic", "--ngf", "4", "--ndf", "4", "--label-smoothing", "0.1"])
     net = m.build(args, torch.device("cpu"), "bf16")
-    m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0.0, 0)
+    m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)
     assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
     assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
 
