@@ -943,26 +943,15 @@ def setup(args):
 # Training
 
 
-class StopVote:
-    """Whether to stop after this step because a signal (SIGINT, SIGTERM) came. One process: as soon as it came.
-    DDP: the ranks get the signal at different moments (torchrun passes its own on, SLURM signals every task), yet
-    must all stop after the same step: each step starts an all-reduce of the ranks' flags on the CPU and reads the
-    one of the step before, so that the loop never waits for it and every rank stops one step after the first signal."""
-
-    def __init__(self):
-        self.work, self.flag = None, None
-
-    def __call__(self, stop):
-        if WORLD == 1:
-            return bool(stop)
-        agreed = self.work is not None and self.work.wait() and self.flag.item() > 0
-        self.flag = torch.tensor([len(stop)])
-        self.work = dist.all_reduce(self.flag, group=host_group(), async_op=True)
-        return agreed
-
-    def close(self):
-        if self.work is not None:
-            self.work.wait()
+def stop_agreed(stop):
+    """Whether to stop after this step because a signal (SIGINT, SIGTERM) came. DDP: the ranks get it at different
+    moments (torchrun passes its own on, SLURM signals every task), yet must all stop after the same step: an all-reduce
+    of their flags each step, between the hosts (gloo), which never waits for a GPU."""
+    if WORLD == 1:
+        return bool(stop)
+    flag = torch.tensor([len(stop)])
+    dist.all_reduce(flag, group=host_group())
+    return flag.item() > 0
 
 
 def train(args, ck=None):
@@ -1011,7 +1000,7 @@ def train(args, ck=None):
     if step >= total:
         print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
         return
-    stop, vote, halt = [], StopVote(), False  # the signals that came; the step in flight finishes, then all is saved
+    stop, halt = [], False  # the signals that came; the step in flight finishes, then everything is saved
 
     def on_signal(signum, frame):
         stop.append(signum)
@@ -1033,7 +1022,7 @@ def train(args, ck=None):
             log.pending.append(train_step(m, preprocess(real, args), args, step, args.epochs * steps_per_epoch))
             step += 1
             bar.update(global_batch)
-            halt = vote(stop)
+            halt = stop_agreed(stop)
             epoch_end, last = step % steps_per_epoch == 0, step >= total or halt
             save = epoch_end or last or bool(args.save_every and step % args.save_every == 0)
             if len(log.pending) == args.log_every or save:
@@ -1060,7 +1049,6 @@ def train(args, ck=None):
         dt = time.time() - t0
         print(f"epoch {epoch + 1}/{args.epochs}  step {step}  {stats}  "
               f"{(step - start) * global_batch / dt:.0f} img/s  {dt:.1f} s")  # fmt: skip
-    vote.close()
     if halt:
         name = signal.Signals(stop[0]).name if stop else "a signal to another rank"
         again = f"torchrun --nproc_per_node {WORLD} {SCRIPT}" if WORLD > 1 else f"python {SCRIPT}"
