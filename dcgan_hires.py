@@ -780,11 +780,10 @@ def to_uint8(x):
 @torch.no_grad()
 def sample(m, fixed_noise):
     """The fixed-noise images, uint8, from the EMA of G when there is one."""
-    net = m.ema if m.ema is not None else m.G
-    net.eval()
+    net = m.ema if m.ema is not None else m.G.eval()  # the EMA copy is always in eval mode
     with m.autocast():
         images = to_uint8(net(fixed_noise))
-    net.train(m.ema is None)
+    m.G.train()
     return images
 
 
@@ -1037,8 +1036,7 @@ def train(args, ck=None):
                 if log.tb:
                     log.tb.add_images("samples", images, step)
             if save:
-                norms = torch.stack([p.detach().norm() for p in (*m.G.parameters(), *m.D.parameters())])  # all ranks
-                if not torch.isfinite(norms).all():
+                if not all(p.isfinite().all() for p in (*m.G.parameters(), *m.D.parameters())):  # on every rank
                     log.diverged(f"weights at step {step}")
                 if RANK == 0:
                     save_checkpoint(ckpt_path, m, step, steps_per_epoch, args, fixed_noise)
