@@ -343,12 +343,12 @@ HOW_TO_GET = {
 T = Image.Transpose  # EXIF Orientation -> the turn that shows a photo upright, as PIL.ImageOps.exif_transpose
 UPRIGHT = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
            7: T.TRANSVERSE, 8: T.ROTATE_90}  # fmt: skip
+_worker = {}  # a decoding process's state: its open zip serves all its images
 
 
 def show(path):
     """A path as the user would type it: relative to the working directory when below it."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
+    return path if (rel := os.path.relpath(path)).startswith("..") else rel
 
 
 def is_image(name):
@@ -375,11 +375,9 @@ def find_images(path):
                 entries.append((os.path.relpath(full, path).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
             elif f.lower().endswith(".zip") and not f.startswith("."):
                 zips.append(full)
-    if not entries and len(zips) == 1:
-        return find_images(zips[0])
-    if not entries and zips:
+    if not entries and len(zips) > 1:
         die(f"{path} holds no images but several zips ({', '.join(map(show, zips))}); pass one of them with --data")
-    return path, sorted(entries)
+    return find_images(zips[0]) if not entries and zips else (path, sorted(entries))
 
 
 def decode_image(fp, size, crop=None):
@@ -389,9 +387,7 @@ def decode_image(fp, size, crop=None):
         w, h = img.size
         turn = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
         side = min(w, h, crop or w)
-        scale = 1
-        while scale < 8 and side // (scale * 2) >= size:
-            scale *= 2
+        scale = max([s for s in (2, 4, 8) if side // s >= size], default=1)
         # JPEG (draft is a no-op for other formats): libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, most
         # of the decoding speed-up; the crop box is then in the reduced image's coordinates
         s = 1 / scale if img.draft("RGB", (w // scale, h // scale)) else 1
@@ -404,9 +400,6 @@ def decode_image(fp, size, crop=None):
         if turn is not None:  # the centred square of the upright photo is this one turned
             img = img.transpose(turn)
         return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
-
-
-_worker = {}  # per-process decoding state: the open zip is reused for every image of the worker
 
 
 def init_worker(source, size, crop):
@@ -426,97 +419,60 @@ def decode_chunk(names):
     return np.stack(rows) if rows else np.empty((0, 3, _worker["size"], _worker["size"]), np.uint8), bad
 
 
-def remove(*paths):
-    for p in paths:
-        if os.path.exists(p):
-            os.remove(p)
-
-
-def read_meta(path):
-    try:
-        with open(path + ".json") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def open_cache(path):
-    """(read-only memmap, None) if `path` has the shape and CRC-32 recorded when it was built, else (None, why not).
-    CRC-32 over the whole file: 0.26 s per GB on one core (BLAKE2b: 1.2 s), plus reading it from disk."""
+    """-> (read-only memmap, "reused") if `path` has the shape and CRC-32 recorded by its build, else (None, how it is
+    to be built). CRC-32: 0.26 s per GB on one core (BLAKE2b: 1.2 s), plus the disk read; a truncated file won't map."""
     if not os.path.exists(path):
-        return None, None
+        return None, "built"
     try:
-        meta, data, crc = read_meta(path), np.load(path, mmap_mode="r"), 0
-        if list(data.shape) != meta.get("shape") or os.path.getsize(path) != data.offset + data.nbytes:
-            return None, "its size is not the one recorded"
+        meta, data, crc = json.loads(Path(path + ".json").read_text()), np.load(path, mmap_mode="r"), 0
         step = max(1, (16 << 20) // data[0].nbytes)  # images per 16 MB
         for i in tqdm(range(0, len(data), step), desc="checking cache", unit="chunk", disable=None, leave=False):
             crc = zlib.crc32(data[i : i + step], crc)
-        return (data, None) if crc == meta["crc32"] else (None, "its checksum is not the one recorded")
+        if crc == meta["crc32"] and list(data.shape) == meta["shape"]:
+            return data, "reused"
+        why = "its checksum is not the one recorded"
     except Exception as e:  # noqa: BLE001 -- a damaged header, a missing sidecar...: rebuild
-        return None, f"{type(e).__name__}: {e}"
+        why = f"{type(e).__name__}: {e}"
+    return None, f"rebuilt, the old one was damaged: {why}"
 
 
 def build_cache(source, names, path, size, crop, workers):
     """Decode every image, in parallel, into `path`.tmp-PID, renamed to `path` only when complete (with its JSON
     sidecar: shape, CRC-32, skipped files), so an interrupted build never leaves a cache that looks usable."""
-    tmp, pool = f"{path}.tmp-{os.getpid()}", None
+    tmp = f"{path}.tmp-{os.getpid()}"
     n, bad, crc = 0, [], 0  # images decoded, names of those that could not be, CRC-32 of the decoded ones
     chunk = max(4, 2**18 // size**2)  # images per task: ~0.8 MB of results, a progress bar that moves
     tasks = [names[i : i + chunk] for i in range(0, len(names), chunk)]
     workers = min(workers or 1, len(tasks))
+    # fork: no re-import of torch per worker (DataLoader's choice on Linux). Not multiprocessing.Pool, whose imap
+    # hangs forever when a worker is killed (OOM) or raises KeyboardInterrupt; the executor raises that here
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(source, size, crop))
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(names), 3, size, size)}
     try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(names), 3, size, size))
-        if hasattr(os, "posix_fallocate"):  # running out of disk while writing through a memory map is a SIGBUS crash
-            with open(tmp, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, arr.offset + arr.nbytes)
-        # fork: no re-import of torch per worker (DataLoader's choice on Linux). Not multiprocessing.Pool, whose imap
-        # hangs forever when a worker is killed (OOM) or raises KeyboardInterrupt; the executor raises that here
-        context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(source, size, crop))
-        results = pool.map(decode_chunk, tasks)  # in order
-        with tqdm(total=len(names), unit="img", desc=f"caching {size}px", disable=None) as bar:
-            for rows, failed in results:  # unreadable images leave no gap: rows are the first n
-                arr[n : n + len(rows)] = rows
+        with open(tmp, "wb") as f, tqdm(total=len(names), unit="img", desc=f"caching {size}px", disable=None) as bar:
+            np.lib.format.write_array_header_1_0(f, header)
+            for rows, failed in pool.map(decode_chunk, tasks):  # in order; unreadable images leave no gap
+                f.write(rows)
                 crc = zlib.crc32(rows, crc)
                 n += len(rows)
                 bad += failed
                 bar.update(len(rows) + len(failed))
-        arr.flush()
-        header, end = np.lib.format.header_data_from_array_1_0(arr[:n]), arr.offset + arr[:n].nbytes
-        del arr
+            f.seek(0)  # numpy pads the header for the first axis to change in place: now n rows
+            np.lib.format.write_array_header_1_0(f, header | {"shape": (n, 3, size, size)})
         if n == 0:
             die(f"none of the {len(names)} image files in {show(source)} could be read (first: {names[0]})")
-        if n < len(names):  # numpy's header leaves room for the first axis to change: n rows, the data stays put
-            with open(tmp, "r+b") as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                f.truncate(end)
         meta = {"shape": [n, 3, size, size], "crc32": crc, "source": os.path.abspath(source), "skipped": len(bad)}
-        with open(tmp + ".json", "w") as f:
-            json.dump(meta | {"skipped_names": bad[:5]}, f)
+        Path(tmp + ".json").write_text(json.dumps(meta | {"skipped_names": bad[:5]}))
         os.replace(tmp + ".json", path + ".json")
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C, disk full, a worker's error, die() above
-        remove(tmp, tmp + ".json")
+        for p in (tmp, tmp + ".json"):
+            Path(p).unlink(missing_ok=True)
         raise
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)  # waits for the workers: none is left writing to a closed pipe at exit
-
-
-def cache_folder(args):
-    """--cache-dir, else the folder holding --data; when that is not writable, ~/.cache/dcgan."""
-    folder = args.cache_dir or os.path.dirname(os.path.abspath(args.data))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return folder
-    except OSError:
-        pass
-    fallback = os.path.join(os.path.expanduser("~"), ".cache", "dcgan")
-    print(f"note: {show(folder)} is not writable, caching the decoded images in {fallback} (see --cache-dir)")
-    os.makedirs(fallback, exist_ok=True)
-    return fallback
+        pool.shutdown(cancel_futures=True)  # waits for the workers: none is left writing to a closed pipe at exit
 
 
 def load_image_folder(args):
@@ -532,11 +488,17 @@ def load_image_folder(args):
         source, entries = find_images(args.data)
     if not entries:
         where = show(args.data) + ("" if os.path.exists(args.data) else ", which does not exist")
-        how = HOW_TO_GET.get(args.dataset, "put a folder or .zip of images at --data")
-        die(f"no images ({' '.join(IMAGE_EXTS)}, in folders or a .zip) found at {where}; {how}")
+        die(f"no images ({' '.join(IMAGE_EXTS)}, in folders or a .zip) found at {where}; {HOW_TO_GET[args.dataset]}")
     entries = entries[: args.max_images]
+    folder = args.cache_dir or os.path.dirname(os.path.abspath(args.data))  # the cache's: next to the data by default
+    with contextlib.suppress(OSError):
+        os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        print(f"note: {show(folder)} is not writable, caching the decoded images in ~/.cache/dcgan (see --cache-dir)")
+        folder = os.path.join(os.path.expanduser("~"), ".cache", "dcgan")
+        os.makedirs(folder, exist_ok=True)
     fingerprint = hashlib.blake2b(repr((CACHE_VERSION, args.size, args.crop, entries)).encode(), digest_size=4)
-    stem = os.path.join(cache_folder(args), os.path.basename(os.path.abspath(args.data)).removesuffix(".zip"))
+    stem = os.path.join(folder, os.path.basename(os.path.abspath(args.data)).removesuffix(".zip"))
     stem += f".{args.size}px" + (f".crop{args.crop}" if args.crop else "")
     stem += f".max{args.max_images}" if args.max_images else ""
     path = f"{stem}.{fingerprint.hexdigest()}.u8.npy"
@@ -544,22 +506,21 @@ def load_image_folder(args):
         try:  # signal 0 to the process that writes it: is it alive?
             os.kill(int(tmp.rsplit("-", 1)[1].removesuffix(".json")), 0)
         except (ValueError, ProcessLookupError):
-            remove(tmp)
+            Path(tmp).unlink(missing_ok=True)
         except PermissionError:  # alive, someone else's
             pass
-    data, damaged = open_cache(path)
-    status = "reused"
+    data, status = open_cache(path)
     if data is None:
         t0 = time.perf_counter()
         build_cache(source, [e[0] for e in entries], path, args.size, args.crop, args.workers)
-        dt = time.perf_counter() - t0
-        status = f"rebuilt, the old one was damaged: {damaged}" if damaged else "built"
-        status += f" in {dt:.1f} s, {len(entries) / dt:.0f} images/s"
+        status += f" in {time.perf_counter() - t0:.1f} s"
         data = np.load(path, mmap_mode="r")
         for old in glob.glob(glob.escape(stem) + "." + "[0-9a-f]" * 8 + ".u8.npy"):  # this source before it changed
-            if old != path and read_meta(old).get("source") == os.path.abspath(source):
-                remove(old, old + ".json")
-    meta = read_meta(path)
+            with contextlib.suppress(OSError, ValueError, KeyError):  # another source's, or another run removes it
+                if old != path and json.loads(Path(old + ".json").read_text())["source"] == os.path.abspath(source):
+                    for p in (old, old + ".json"):
+                        Path(p).unlink(missing_ok=True)
+    meta = json.loads(Path(path + ".json").read_text())
     if meta["skipped"]:
         names = ", ".join(meta["skipped_names"]) + (", ..." if meta["skipped"] > len(meta["skipped_names"]) else "")
         print(f"warning: skipped {meta['skipped']} unreadable file(s) in {show(source)}: {names}", file=sys.stderr)
@@ -568,10 +529,8 @@ def load_image_folder(args):
 
 
 def synthetic_faces(n, size, seed=0):
-    """n cartoon faces, uint8 (n, 3, size, size): a tilted head with short or long hair and a fringe, two eyes and a
-    mouth, on a shaded background; colours, position, size, tilt and smile vary. The same whatever --seed. Soft-edged
-    implicit shapes, vectorised over chunks of images, in numpy: single-threaded, so that OpenMP threads fighting over
-    a busy CPU cannot slow it down 30-fold as they do torch's here."""
+    """n cartoon faces, uint8 (n, 3, size, size), the same whatever --seed: soft-edged implicit shapes, in numpy, which
+    is single-threaded: OpenMP threads fighting over a busy CPU slow torch's version down 30-fold."""
     p = np.random.default_rng(seed).random((n, 20), dtype=np.float32)  # one row per image: image i ignores n
     skin_tones = np.array([[0.98, 0.84, 0.72], [0.9, 0.7, 0.55], [0.76, 0.55, 0.4], [0.52, 0.36, 0.25]], np.float32)
     hair_tones = np.array([[0.08, 0.06, 0.05], [0.3, 0.18, 0.09], [0.55, 0.38, 0.2], [0.88, 0.74, 0.45],
@@ -618,8 +577,7 @@ def synthetic_faces(n, size, seed=0):
 
 
 def load_dataset(args):
-    """The training images, uint8 (N, 3, S, S): a tensor (synthetic, cifar10) or a read-only memory map of the
-    decoded cache of a folder or zip of images (celeba, celeba-hq)."""
+    """The training images, uint8 (N, 3, S, S): a tensor (synthetic, cifar10) or the memory map of a cache (celeba)."""
     if args.dataset == "synthetic":
         t0 = time.perf_counter()
         data = synthetic_faces(args.max_images or min(4096, 2**18 // args.size), args.size)  # 4096, 2048 or 1024
@@ -641,23 +599,20 @@ def load_dataset(args):
 
 
 class BatchSource:
-    """Shuffled uint8 batches (B, 3, S, S) on `device`. With CUDA the whole set is on the GPU when it fits
-    --data-memory, a batch one gather there. Otherwise a batch is gathered on the host from the array or the cache's
-    memory map (its pages are the OS's reclaimable file cache, not memory the process owns): for CUDA into one pinned
-    buffer copied to the GPU asynchronously, so that the next gather overlaps this step. The order depends only on
-    (seed, epoch): a run resumed mid-epoch sees the very batches it would have seen."""
+    """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a run resumed mid-epoch
+    sees the very batches it would have seen. The whole set on the GPU when it fits --data-memory (a batch: one gather
+    there), else gathered on the host from the array or the cache's memory map (the OS's reclaimable file cache, not
+    memory the process owns); for CUDA into one pinned buffer copied asynchronously: the next gather overlaps a step."""
 
     def __init__(self, data, args, device):
         if len(data) < args.batch_size:
             die(f"the data set has {len(data)} images, fewer than --batch-size {args.batch_size}")
         self.device, self.batch_size, self.seed, self.n = torch.device(device), args.batch_size, args.seed, len(data)
-        # on the host, a numpy array or the memory map, open for the whole run: a cache that another run rebuilds or
-        # deletes meanwhile is another file, and this run reads on from its own
+        # a memory map stays open for the whole run: a cache rebuilt or deleted meanwhile is another file
         self.data = data.numpy() if isinstance(data, torch.Tensor) else data
         where = f"the cache file {show(data.filename)}" if isinstance(data, np.memmap) else "host memory"
         where = f"gathered from {where}"
-        self.staging = None  # CUDA: the pinned buffer each batch is gathered into, and the copy out of it
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the pinned buffer each batch is gathered into, and the copy out of it
             self.staging = torch.empty((self.batch_size, *data.shape[1:]), dtype=torch.uint8, pin_memory=True)
             self.copied = torch.cuda.Event()
             free = torch.cuda.mem_get_info(self.device)[0]
@@ -680,11 +635,10 @@ class BatchSource:
         for step in range(start, len(self)):
             yield self.gather(order[step])
 
-    def gather(self, idx):
-        """Rows idx -> a batch on the device."""
+    def gather(self, idx):  # rows idx -> a batch on the device
         if isinstance(self.data, torch.Tensor):  # on the GPU: a gather kernel, no host work, no sync
             return self.data[idx]
-        if self.staging is None:  # a fresh tensor (CPU; MPS: copied there): callers may keep batches
+        if self.device.type != "cuda":  # a fresh tensor (CPU; MPS: copied there): callers may keep batches
             return torch.from_numpy(self.data[idx]).to(self.device)
         self.copied.synchronize()  # the copy of the previous batch out of the buffer has finished: it may be refilled
         buf = self.staging[: len(idx)]

@@ -1109,11 +1109,12 @@ def test_worker_failure_or_interrupted_build_leaves_no_cache(zoo, tmp_path, monk
 
 def test_stale_temporaries_removed_live_ones_kept(zoo, tmp_path):
     folder = fresh_zoo(zoo, tmp_path)
-    dead, live = tmp_path / "faces.32px.0badc0de.u8.npy.tmp-999999999", tmp_path / f"faces.32px.tmp-{os.getpid()}"
-    dead.write_bytes(b"half-written")
-    live.write_bytes(b"being written")
+    dead, live = (tmp_path / f"faces.32px.0badc0de.u8.npy.tmp-{pid}" for pid in (999999999, os.getpid()))
+    for path in (dead, live):  # the cache and its sidecar, as a build writes them
+        path.write_bytes(b"being written")
+        path.with_name(path.name + ".json").write_bytes(b"{")
     d.load_dataset(make_args(folder))
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and not os.path.exists(f"{dead}.json") and live.exists() and os.path.exists(f"{live}.json")
 
 
 def test_cache_folder_falls_back_when_not_writable(zoo, tmp_path, monkeypatch, capsys):
