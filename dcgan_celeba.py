@@ -27,6 +27,7 @@ From Python:
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import glob

@@ -34,6 +34,7 @@ From Python:
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
