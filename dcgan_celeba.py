@@ -13,11 +13,10 @@ Train (about 20 minutes for 10 CelebA epochs on a current GPU):
 CPU smoke test, no download, no GPU:
     python dcgan_celeba.py --dataset synthetic --epochs 1 --size 32
     python dcgan_celeba.py --dataset synthetic --dry-run --out /tmp/smoke
-Continue a run to 20 epochs in total, sample from it, walk its latent space:
+Continue a run to 20 epochs in total, sample from it, walk its latent space, list and time the networks:
     python dcgan_celeba.py --epochs 20 --resume
     python dcgan_celeba.py --generate 1000
     python dcgan_celeba.py --interpolate 16
-Inspect and measure:
     python dcgan_celeba.py --summary
     python dcgan_celeba.py --benchmark 50
 From Python:
@@ -215,7 +214,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0, batch_norm=True):
         super().__init__()
-        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm off with it unless --d-norm batch
+        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm: see --d-norm
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
         # spatial dropout in D, as in the PyTorch CelebA notebook with spectral norm
@@ -271,8 +270,8 @@ def build(args, device, amp):
 
 
 def train_step(m, real, args, step, steps):
-    """Step `step` of the `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake]
-    as a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
+    """Step `step` of `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as
+    a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
     # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D, annealed to 0
     sigma = args.instance_noise * (max(0.0, 1 - step / steps) if args.noise_schedule == "anneal" else 1.0)
@@ -592,7 +591,8 @@ def load_dataset(args):
         except Exception as e:  # noqa: BLE001 -- offline, proxy, disk full...
             die(
                 f"CIFAR-10 is not in {where} and could not be downloaded ({type(e).__name__}: {e}); download "
-                f"cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into {args.data}"
+                "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into "
+                f"{args.data}"
             )
         print(f"data: {len(data)} images from {show(where)}")
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
@@ -803,8 +803,8 @@ class Log:
         return values[-1]
 
     def diverged(self, what):
-        die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
-            f"kept in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
+        die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is kept "
+            f"in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
 
 
 def setup(args):
@@ -1000,7 +1000,8 @@ def benchmark(args):
     flops = counter.get_total_flops()
     print(f"benchmark: {args.benchmark} steps x {args.batch_size} images in {dt:.2f} s: "
           f"{args.benchmark * args.batch_size / dt:,.0f} images/s, {flops * args.benchmark / dt / 1e12:.3f} TFLOP/s "
-          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
+          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, "
+          f"compile {args.compile})")  # fmt: skip
 
 
 def main(argv=None):

@@ -20,11 +20,11 @@ On two machines of 8 GPUs: the same command on both, NODE_RANK 0 on the one name
 CPU smoke tests, no download, no GPU (the second: 2 processes, DDP over gloo):
     python dcgan_hires.py --dataset synthetic --dry-run --out /tmp/smoke
     torchrun --standalone --nproc_per_node 2 dcgan_hires.py --dataset synthetic --ngf 8 --ndf 8 --out /tmp/ddp
-Continue a run to 20 epochs in total (under torchrun too), sample from it, walk its latent space:
+Continue a run to 20 epochs in total (under torchrun too), sample from it, walk its latent space, list and time
+the networks:
     python dcgan_hires.py --epochs 20 --resume
     python dcgan_hires.py --generate 1000
     python dcgan_hires.py --interpolate 16
-Inspect and measure:
     python dcgan_hires.py --summary --size 256
     python dcgan_hires.py --benchmark 20 --size 256
 From Python:
@@ -232,7 +232,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, ndf=64, nc=NC, size=64, spectral_norm=False, dropout=0.0, batch_norm=True):
         super().__init__()
-        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm off with it unless --d-norm batch
+        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm: see --d-norm
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
         # spatial dropout in D, as in the PyTorch CelebA notebook with spectral norm
@@ -293,8 +293,8 @@ def build(args, device, amp):
 
 
 def train_step(m, real, args, step, steps):
-    """Step `step` of the `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake]
-    as a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
+    """Step `step` of `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as
+    a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
     # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D, annealed to 0
     sigma = args.instance_noise * (max(0.0, 1 - step / steps) if args.noise_schedule == "anneal" else 1.0)
@@ -861,8 +861,6 @@ def setup(args):
         die(f"--device {name}: not available on this machine")
     device = torch.device(name, LOCAL_RANK) if name == "cuda" and WORLD > 1 else torch.device(name)
     if WORLD > 1:  # under torchrun: DDP over NCCL between GPUs, over gloo between CPU processes
-        if name == "mps":
-            die("DDP runs on CUDA GPUs (NCCL) or on the CPU (gloo): run --device mps with python, not torchrun")
         if args.sync_bn and name != "cuda":
             die("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel): drop it on the CPU")
         if name == "cuda" and LOCAL_RANK >= torch.cuda.device_count():
@@ -1082,7 +1080,8 @@ def benchmark(args):
     n = args.benchmark * WORLD  # DDP: every rank took as many steps, the throughput is theirs together
     print(f"benchmark: {args.benchmark} steps x {args.batch_size} images x {WORLD} process(es) in {dt:.2f} s: "
           f"{n * args.batch_size / dt:,.0f} images/s, {flops * n / dt / 1e12:.3f} TFLOP/s "
-          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
+          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, "
+          f"compile {args.compile})")  # fmt: skip
 
 
 def main(argv=None):

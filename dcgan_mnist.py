@@ -182,7 +182,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, ndf=64, nc=NC, spectral_norm=False, dropout=0.0, batch_norm=True):
         super().__init__()
-        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm off with it unless --d-norm batch
+        # spectral norm (Miyato et al. 2018, https://arxiv.org/abs/1802.05957); BatchNorm: see --d-norm
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
         # spatial dropout in D, as in the PyTorch CelebA notebook with spectral norm
@@ -232,8 +232,8 @@ def build(args, device, amp):
 
 
 def train_step(m, real, args, step, steps):
-    """Step `step` of the `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake]
-    as a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
+    """Step `step` of `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as
+    a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
     # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D, annealed to 0
     sigma = args.instance_noise * (max(0.0, 1 - step / steps) if args.noise_schedule == "anneal" else 1.0)
@@ -509,8 +509,8 @@ class Log:
         return values[-1]
 
     def diverged(self, what):
-        die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is "
-            f"kept in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
+        die(f"{what} became NaN or infinite: training stopped. The last good checkpoint (step {self.saved}) is kept "
+            f"in {self.out}. Lower --lr-d/--lr-g or add --spectral-norm or --clip-grad, then --resume.", 3)  # fmt: skip
 
 
 def setup(args):
@@ -705,7 +705,8 @@ def benchmark(args):
     flops = counter.get_total_flops()
     print(f"benchmark: {args.benchmark} steps x {args.batch_size} images in {dt:.2f} s: "
           f"{args.benchmark * args.batch_size / dt:,.0f} images/s, {flops * args.benchmark / dt / 1e12:.3f} TFLOP/s "
-          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
+          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, "
+          f"compile {args.compile})")  # fmt: skip
 
 
 def main(argv=None):
