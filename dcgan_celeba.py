@@ -467,9 +467,11 @@ def build_cache(source, names, path, size, crop, workers):
         Path(tmp + ".json").write_text(json.dumps(meta | {"skipped_names": bad[:5]}))
         os.replace(tmp + ".json", path + ".json")
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C, disk full, a worker's error, die() above
+    except BaseException as e:  # Ctrl-C, disk full, a worker's error, die() above
         for p in (tmp, tmp + ".json"):
             Path(p).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            die(f"could not write the cache {show(tmp)}: {e.strerror or e}; free space there or use --cache-dir", 1)
         raise
     finally:
         pool.shutdown(cancel_futures=True)  # waits for the workers: none is left writing to a closed pipe at exit

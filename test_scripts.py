@@ -1107,6 +1107,14 @@ def test_worker_failure_or_interrupted_build_leaves_no_cache(zoo, tmp_path, monk
     assert caches(tmp_path) == []
 
 
+def test_full_disk_while_caching_is_one_line_and_leaves_no_cache(zoo, tmp_path):
+    folder = fresh_zoo(zoo, tmp_path)
+    p = run("dcgan_celeba.py", "--data", folder, "--out", tmp_path / "run", "--dry-run", "--workers", 2, ok=1,
+            preexec_fn=fault_small_disk(20_000))  # fmt: skip
+    assert_one_line_error(p, "could not write the cache", "--cache-dir")
+    assert caches(tmp_path) == [] and not list(tmp_path.glob("*.tmp-*")) and not (tmp_path / "run").exists()
+
+
 def test_stale_temporaries_removed_live_ones_kept(zoo, tmp_path):
     folder = fresh_zoo(zoo, tmp_path)
     dead, live = (tmp_path / f"faces.32px.0badc0de.u8.npy.tmp-{pid}" for pid in (999999999, os.getpid()))
