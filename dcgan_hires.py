@@ -867,6 +867,8 @@ def setup(args):
         die(f"--device {name}: not available on this machine")
     device = torch.device(name, LOCAL_RANK) if name == "cuda" and WORLD > 1 else torch.device(name)
     if WORLD > 1:  # under torchrun: DDP over NCCL between GPUs, over gloo between CPU processes
+        if name == "mps":
+            die("DDP runs on CUDA GPUs (NCCL) or on the CPU (gloo): run --device mps with python, not torchrun")
         if args.sync_bn and name != "cuda":
             die("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel): drop it on the CPU")
         if name == "cuda" and LOCAL_RANK >= torch.cuda.device_count():
