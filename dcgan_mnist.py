@@ -303,9 +303,7 @@ def synthetic_digits(n, seed=0):
     for digit in range(10):
         for stroke in (0, 1, 2):
             im = Image.new("L", (56, 56))
-            ImageDraw.Draw(im).text(
-                (28, 28), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255
-            )
+            ImageDraw.Draw(im).text((28, 28), str(digit), 255, font, anchor="mm", stroke_width=stroke, stroke_fill=255)
             glyphs.append(np.asarray(im))
     glyphs = torch.from_numpy(np.stack(glyphs)).float().div(255).unsqueeze(1)
     g = torch.Generator().manual_seed(seed)  # the data set is the same whatever the run's --seed
