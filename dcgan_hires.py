@@ -41,6 +41,7 @@ import datetime
 import functools
 import glob
 import hashlib
+import importlib
 import io
 import itertools
 import json
@@ -263,32 +264,36 @@ class Discriminator(nn.Module):
         return self.main(x).view(-1)
 
 
+def memory_format(device):  # channels-last is faster, but MPS's BatchNorm backward got it wrong in some versions
+    return torch.contiguous_format if device.type == "mps" else torch.channels_last
+
+
 def build(args, device, amp):
     """Networks, EMA copy, optimizers and grad scalers: everything a checkpoint holds."""
-    G = Generator(args.nz, args.ngf, NC, args.size, args.g_act).to(device, memory_format=torch.channels_last)
+    G = Generator(args.nz, args.ngf, NC, args.size, args.g_act).to(device, memory_format=memory_format(device))
     batch_norm = args.d_norm == "batch" or (args.d_norm == "auto" and not args.spectral_norm)
     D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout, batch_norm)
-    D = D.to(device, memory_format=torch.channels_last)
+    D = D.to(device, memory_format=memory_format(device))
     if WORLD > 1 and args.sync_bn:  # BatchNorm statistics over the global batch, not over each rank's part of it
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole Adam update
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per update, also under GradScaler
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
     if args.d_optim == "sgd":  # SGD with momentum for D, as in ganhacks
-        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9, **fused)
     else:
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
     # EMA of G's weights (Yazici et al. 2019, https://arxiv.org/abs/1806.04498), used for every image written
     ema = copy.deepcopy(G).eval().requires_grad_(False) if args.ema else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    net_g, net_d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    if WORLD > 1:  # DDP: rank 0's weights broadcast now, gradients averaged over the ranks bucket by bucket in backward
-        ids = [device] if device.type == "cuda" else None
-        net_g, net_d = DDP(net_g, device_ids=ids), DDP(net_d, device_ids=ids)
+    ids = [device] if device.type == "cuda" else None  # DDP: rank 0's weights broadcast, gradients averaged in backward
+    net_g, net_d = (DDP(G, device_ids=ids), DDP(D, device_ids=ids)) if WORLD > 1 else (G, D)
+    # compiled after DDP, PyTorch's documented order: the gradient all-reduce then overlaps the compiled backward
+    net_g, net_d = (torch.compile(net_g), torch.compile(net_d)) if args.compile else (net_g, net_d)
     return SimpleNamespace(
         G=G, D=D, net_g=net_g, net_d=net_d, ema=ema, opt_g=opt_g, opt_d=opt_d,
         scaler_d=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # one per optimizer
         scaler_g=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
-        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        autocast=lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
     )  # fmt: skip
 
 
@@ -643,7 +648,7 @@ class BatchSource:
     """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a run resumed mid-epoch
     sees the very batches it would have seen. The whole set on the GPU when it fits --data-memory (a batch: one gather
     there), else gathered on the host from the array or the cache's memory map (the OS's reclaimable file cache, not
-    memory the process owns); for CUDA into one pinned buffer copied asynchronously: the next gather overlaps a step.
+    memory the process owns); for CUDA into one pinned buffer copied asynchronously: batch k+1's gather overlaps step k.
     DDP: every rank draws the same permutation, and step s takes its next world x batch_size images, each rank its own
     batch_size of them: together the ranks see what one process with a world-times larger batch would."""
 
@@ -661,11 +666,15 @@ class BatchSource:
             self.staging = torch.empty((self.batch_size, *data.shape[1:]), dtype=torch.uint8, pin_memory=True)
             self.copied = torch.cuda.Event()
             free = torch.cuda.mem_get_info(self.device)[0]
-            if self.data.nbytes <= (0.4 * free if args.data_memory is None else args.data_memory * 1e9):
-                on_gpu = torch.empty(data.shape, dtype=torch.uint8, device=self.device)
-                for i in range(0, self.n, self.batch_size):  # batch by batch: no second copy of the set in RAM
-                    on_gpu[i : i + self.batch_size] = self.gather(np.arange(i, min(i + self.batch_size, self.n)))
-                self.data, where = on_gpu, f"the whole set on {self.device}"
+        elif self.device.type == "mps":  # a Mac's GPU shares the RAM: its recommended share of it
+            free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        if self.device.type != "cpu" and self.data.nbytes <= (
+            0.4 * free if args.data_memory is None else args.data_memory * 1e9
+        ):
+            on_gpu = torch.empty(data.shape, dtype=torch.uint8, device=self.device)
+            for i in range(0, self.n, self.batch_size):  # batch by batch: no second copy of the set in RAM
+                on_gpu[i : i + self.batch_size] = self.gather(np.arange(i, min(i + self.batch_size, self.n)))
+            self.data, where = on_gpu, f"the whole set on {self.device}"
         print(f"batches: {where} ({self.data.nbytes / 1e9:.2f} GB)")
 
     def __len__(self):
@@ -686,7 +695,7 @@ class BatchSource:
             return self.data[idx]
         if self.device.type != "cuda":  # a fresh tensor (CPU; MPS: copied there): callers may keep batches
             return torch.from_numpy(self.data[idx]).to(self.device)
-        self.copied.synchronize()  # the copy of the previous batch out of the buffer has finished: it may be refilled
+        self.copied.synchronize()  # the host waits for batch k's copy out of the buffer, which the GPU runs after step k-1
         buf = self.staging[: len(idx)]
         np.take(self.data, idx, axis=0, out=buf.numpy(), mode="clip")  # clip: no intermediate copy (idx is valid)
         batch = buf.to(self.device, non_blocking=True)
@@ -699,7 +708,7 @@ def preprocess(batch, args):
     x = batch.float().div_(127.5).sub_(1)
     if args.flip:  # on the device, one coin per image, as torchvision's RandomHorizontalFlip
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=memory_format(x.device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -709,7 +718,8 @@ def preprocess(batch, args):
 def atomic_write(path, write, sync=False):
     """write(file) to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    try:  # the folder too: the first file written makes it (a run stopped while its data loads leaves none)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             if sync:
@@ -717,7 +727,8 @@ def atomic_write(path, write, sync=False):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # also Ctrl-C: no half-written temporary file stays behind
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (nor a folder, when it was the folder that failed)
+            os.remove(tmp)
         cause = e if isinstance(e, OSError) else e.__context__  # torch.save: a RuntimeError raised over the OSError
         if not isinstance(cause, OSError) or not isinstance(e, Exception):
             raise
@@ -754,8 +765,8 @@ def save_checkpoint(path, m, step, steps_per_epoch, args, fixed_noise):
     }  # fmt: skip
     if m.ema is not None:
         ck["ema"] = m.ema.state_dict()
-    if fixed_noise.is_cuda:
-        ck["rng_cuda"] = torch.cuda.get_rng_state(fixed_noise.device)
+    if fixed_noise.device.type in ("cuda", "mps"):  # the GPU's own generator: torch.cuda's or torch.mps's
+        ck[f"rng_{fixed_noise.device.type}"] = getattr(torch, fixed_noise.device.type).get_rng_state()
     atomic_write(path, lambda f: torch.save(ck, f), sync=True)
 
 
@@ -778,14 +789,18 @@ def load_checkpoint(path):
     return ck
 
 
+def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CPU run resumed on CUDA, and back
+    return state | {"param_groups": [g | {"fused": opt.param_groups[0]["fused"]} for g in state["param_groups"]]}
+
+
 def restore(m, ck, args, device):
     """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
     The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
     m.G.load_state_dict(ck["generator"])
     m.D.load_state_dict(ck["discriminator"])
-    m.opt_g.load_state_dict(ck["opt_g"])
+    m.opt_g.load_state_dict(own_fused(ck["opt_g"], m.opt_g))
     if ck["args"].get("d_optim", "adam") == args.d_optim:
-        m.opt_d.load_state_dict(ck["opt_d"])
+        m.opt_d.load_state_dict(own_fused(ck["opt_d"], m.opt_d))
     else:
         print(f"resume: --d-optim {args.d_optim}: D's optimizer starts afresh (the run used {ck['args']['d_optim']})")
     for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):
@@ -797,8 +812,8 @@ def restore(m, ck, args, device):
         if scaler.is_enabled() and ck.get(key):  # a run that was not fp16 has no scale yet: start from the default
             scaler.load_state_dict(ck[key])
     torch.set_rng_state(ck["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in ck:
-        torch.cuda.set_rng_state(ck["rng_cuda"], device)
+    if device.type != "cpu" and f"rng_{device.type}" in ck:  # cuda or mps: the same kind of GPU wrote it
+        getattr(torch, device.type).set_rng_state(ck[f"rng_{device.type}"])
     return ck["step"], ck["fixed_noise"].to(device)
 
 
@@ -815,7 +830,7 @@ class Log:
     """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps. DDP: each
     row is the mean over the ranks (the global batch's), the same on every rank; rank 0 alone writes it."""
 
-    def __init__(self, args, step):
+    def __init__(self, args, step, tensorboard=None):
         self.path, self.out, self.saved = os.path.join(args.out, "losses.csv"), args.out, step
         kept = []
         if RANK == 0 and os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
@@ -825,13 +840,7 @@ class Log:
             atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS, *kept]).encode()))
         self.file = open(self.path if RANK == 0 else os.devnull, "a", newline="")  # noqa: SIM115 (for the whole run)
         self.pending = []  # [loss_d, loss_g, d_real, d_fake] of each step since the last flush, on the device
-        self.tb = None
-        if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                die("--tensorboard needs the tensorboard package: pip install tensorboard")
-            self.tb = SummaryWriter(os.path.join(args.out, "tb")) if RANK == 0 else None
+        self.tb = tensorboard.SummaryWriter(os.path.join(args.out, "tb")) if tensorboard and RANK == 0 else None
 
     def flush(self, step, epoch):
         """Write the buffered rows and return the last; stop the run at the first non-finite one."""
@@ -900,9 +909,8 @@ def setup(args):
 
 
 def stop_agreed(stop):
-    """Whether to stop after this step because a signal (SIGINT, SIGTERM) came. DDP: the ranks get it at different
-    moments (torchrun passes its own on, SLURM signals every task), yet must all stop after the same step: an all-reduce
-    of their flags each step, between the hosts (gloo), which never waits for a GPU."""
+    """Whether to stop after this step because SIGINT or SIGTERM came. DDP: the ranks get it at different moments, yet
+    must all stop after the same step: an all-reduce of their flags each step, between the hosts (gloo), no GPU sync."""
     if WORLD == 1:
         return bool(stop)
     flag = torch.tensor([len(stop)])
@@ -913,13 +921,13 @@ def stop_agreed(stop):
 def train(args, ck=None):
     if not ck and any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv")):
         die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
+    try:  # imported lazily, and a refusal at start-up leaves nothing behind
+        tensorboard = importlib.import_module("torch.utils.tensorboard") if args.tensorboard else None
+    except ImportError:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
     device, amp = setup(args)
     batches = BatchSource(load_shared(args), args, device, RANK, WORLD)
     if RANK == 0:  # rank 0 alone writes files; the others only train
-        try:  # after the data: a run stopped while its data loads leaves no run directory behind
-            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        except OSError as e:
-            die(f"cannot create --out {args.out}: {e.strerror}", 1)
         for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # what a killed run left half-written
             leftover.unlink(missing_ok=True)
     m = build(args, device, amp)
@@ -932,16 +940,14 @@ def train(args, ck=None):
                 "keep its --batch-size, --max-images, --data and number of processes")  # fmt: skip
         step, fixed_noise = restore(m, ck, args, device)
         print(f"resume: step {step} (epoch {step // steps_per_epoch}) from {ckpt_path}")
-    elif RANK == 0:  # rank 0 alone writes files; the others only train
+    else:
         step = 0
         fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    if not ck and RANK == 0:  # rank 0 alone writes files; the others only train
         real = torch.cat(list(itertools.islice(batches.epoch(0), -(-64 // args.batch_size))))  # 64, whatever the batch
         real = real.repeat(-(-64 // len(real)), 1, 1, 1)[:64]  # a data set of fewer than 64 images fills the grid
         save_png(to_uint8(preprocess(real, args)), os.path.join(args.out, "samples", "real.png"))
         save_checkpoint(ckpt_path, m, 0, steps_per_epoch, args, fixed_noise)  # a run is resumable from its start
-    else:
-        step = 0
-        fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
     params = {k: sum(p.numel() for p in net.parameters()) for k, net in (("generator", m.G), ("discriminator", m.D))}
     config = vars(args) | {
         "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
@@ -952,7 +958,7 @@ def train(args, ck=None):
     }  # fmt: skip
     if RANK == 0:
         atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-    log = Log(args, step)
+    log = Log(args, step, tensorboard)
     if step >= total:
         print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
         return
@@ -1021,14 +1027,13 @@ def generate(args):
     device, _ = setup(args)
     G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
     folder = os.path.join(args.out, "generated")
-    os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
         images = torch.cat([to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device)))
                             for i in range(0, args.generate, 256)])  # fmt: skip
     for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
         save_png(img[None], os.path.join(folder, f"{i:06d}.png"))
-    save_png(images[:64], os.path.join(folder, "grid.png"))
-    print(f"wrote {len(images)} images and grid.png to {folder}")
+    save_png(images[:64], os.path.join(args.out, "generated_grid.png"))  # beside: FID tools read the whole folder
+    print(f"wrote {len(images)} images to {folder}, the first 64 as a grid in generated_grid.png beside it")
 
 
 def interpolate(args):
@@ -1049,7 +1054,6 @@ def interpolate(args):
                 grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
                 frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
-    os.makedirs(args.out, exist_ok=True)
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
 
@@ -1074,7 +1078,7 @@ def benchmark(args):
     m = build(args, device, amp)
     shape = (args.batch_size, NC, args.size, args.size)
     real = preprocess(torch.randint(0, 256, shape, dtype=torch.uint8, device=device), args)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
         train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 0, 1)
     for step in range(5 + args.benchmark):

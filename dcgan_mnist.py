@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import importlib
 import io
 import itertools
 import json
@@ -207,16 +208,20 @@ class Discriminator(nn.Module):
         return self.main(x).view(-1)
 
 
+def memory_format(device):  # channels-last is faster, but MPS's BatchNorm backward got it wrong in some versions
+    return torch.contiguous_format if device.type == "mps" else torch.channels_last
+
+
 def build(args, device, amp):
     """Networks, EMA copy, optimizers and grad scalers: everything a checkpoint holds."""
-    G = Generator(args.nz, args.ngf, NC, args.g_act).to(device, memory_format=torch.channels_last)
+    G = Generator(args.nz, args.ngf, NC, args.g_act).to(device, memory_format=memory_format(device))
     batch_norm = args.d_norm == "batch" or (args.d_norm == "auto" and not args.spectral_norm)
     D = Discriminator(args.ndf, NC, args.spectral_norm, args.d_dropout, batch_norm)
-    D = D.to(device, memory_format=torch.channels_last)
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole Adam update
+    D = D.to(device, memory_format=memory_format(device))
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per update, also under GradScaler
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
     if args.d_optim == "sgd":  # SGD with momentum for D, as in ganhacks
-        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9, **fused)
     else:
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
     # EMA of G's weights (Yazici et al. 2019, https://arxiv.org/abs/1806.04498), used for every image written
@@ -227,7 +232,7 @@ def build(args, device, amp):
         G=G, D=D, net_g=net_g, net_d=net_d, ema=ema, opt_g=opt_g, opt_d=opt_d,
         scaler_d=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # one per optimizer
         scaler_g=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
-        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        autocast=lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
     )  # fmt: skip
 
 
@@ -358,7 +363,7 @@ class BatchSource:
 
 def preprocess(batch, args):
     """uint8 [0, 255] -> float [-1, 1], channels-last like the networks."""
-    return batch.float().div_(127.5).sub_(1).contiguous(memory_format=torch.channels_last)
+    return batch.float().div_(127.5).sub_(1).contiguous(memory_format=memory_format(batch.device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,7 +373,8 @@ def preprocess(batch, args):
 def atomic_write(path, write, sync=False):
     """write(file) to a temporary file, then rename: a crash at any moment leaves the previous file whole."""
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    try:  # the folder too: the first file written makes it (a run stopped while its data loads leaves none)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             if sync:
@@ -376,7 +382,8 @@ def atomic_write(path, write, sync=False):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # also Ctrl-C: no half-written temporary file stays behind
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (nor a folder, when it was the folder that failed)
+            os.remove(tmp)
         cause = e if isinstance(e, OSError) else e.__context__  # torch.save: a RuntimeError raised over the OSError
         if not isinstance(cause, OSError) or not isinstance(e, Exception):
             raise
@@ -413,8 +420,8 @@ def save_checkpoint(path, m, step, steps_per_epoch, args, fixed_noise):
     }  # fmt: skip
     if m.ema is not None:
         ck["ema"] = m.ema.state_dict()
-    if fixed_noise.is_cuda:
-        ck["rng_cuda"] = torch.cuda.get_rng_state(fixed_noise.device)
+    if fixed_noise.device.type in ("cuda", "mps"):  # the GPU's own generator: torch.cuda's or torch.mps's
+        ck[f"rng_{fixed_noise.device.type}"] = getattr(torch, fixed_noise.device.type).get_rng_state()
     atomic_write(path, lambda f: torch.save(ck, f), sync=True)
 
 
@@ -437,14 +444,18 @@ def load_checkpoint(path):
     return ck
 
 
+def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CPU run resumed on CUDA, and back
+    return state | {"param_groups": [g | {"fused": opt.param_groups[0]["fused"]} for g in state["param_groups"]]}
+
+
 def restore(m, ck, args, device):
     """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
     The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
     m.G.load_state_dict(ck["generator"])
     m.D.load_state_dict(ck["discriminator"])
-    m.opt_g.load_state_dict(ck["opt_g"])
+    m.opt_g.load_state_dict(own_fused(ck["opt_g"], m.opt_g))
     if ck["args"].get("d_optim", "adam") == args.d_optim:
-        m.opt_d.load_state_dict(ck["opt_d"])
+        m.opt_d.load_state_dict(own_fused(ck["opt_d"], m.opt_d))
     else:
         print(f"resume: --d-optim {args.d_optim}: D's optimizer starts afresh (the run used {ck['args']['d_optim']})")
     for opt, lr in ((m.opt_g, args.lr_g), (m.opt_d, args.lr_d)):
@@ -456,8 +467,8 @@ def restore(m, ck, args, device):
         if scaler.is_enabled() and ck.get(key):  # a run that was not fp16 has no scale yet: start from the default
             scaler.load_state_dict(ck[key])
     torch.set_rng_state(ck["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in ck:
-        torch.cuda.set_rng_state(ck["rng_cuda"], device)
+    if device.type != "cpu" and f"rng_{device.type}" in ck:  # cuda or mps: the same kind of GPU wrote it
+        getattr(torch, device.type).set_rng_state(ck[f"rng_{device.type}"])
     return ck["step"], ck["fixed_noise"].to(device)
 
 
@@ -473,7 +484,7 @@ def load_generator(path, device="cpu"):
 class Log:
     """losses.csv (and TensorBoard): statistics stay on the device and are written every --log-every steps."""
 
-    def __init__(self, args, step):
+    def __init__(self, args, step, tensorboard=None):
         self.path, self.out, self.saved = os.path.join(args.out, "losses.csv"), args.out, step
         kept = []
         if os.path.exists(self.path):  # rows past the checkpoint (written before a crash) would repeat
@@ -482,13 +493,7 @@ class Log:
         atomic_write(self.path, lambda f: f.write("".join(",".join(r) + "\n" for r in [COLUMNS, *kept]).encode()))
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 (open for the whole run)
         self.pending = []  # [loss_d, loss_g, d_real, d_fake] of each step since the last flush, on the device
-        self.tb = None
-        if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                die("--tensorboard needs the tensorboard package: pip install tensorboard")
-            self.tb = SummaryWriter(os.path.join(args.out, "tb"))
+        self.tb = tensorboard.SummaryWriter(os.path.join(args.out, "tb")) if tensorboard else None
 
     def flush(self, step, epoch):
         """Write the buffered rows and return the last; stop the run at the first non-finite one."""
@@ -543,12 +548,12 @@ def setup(args):
 def train(args, ck=None):
     if not ck and any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "losses.csv")):
         die(f"--out {args.out} already holds a run: add --resume to continue it, or choose another --out")
+    try:  # imported lazily, and a refusal at start-up leaves nothing behind
+        tensorboard = importlib.import_module("torch.utils.tensorboard") if args.tensorboard else None
+    except ImportError:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
     device, amp = setup(args)
     batches = BatchSource(load_dataset(args), args, device)
-    try:  # after the data: a run stopped while its data loads leaves no run directory behind
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    except OSError as e:
-        die(f"cannot create --out {args.out}: {e.strerror}", 1)
     for leftover in Path(args.out).rglob("*.tmp[0-9]*"):  # what a killed run left half-written
         leftover.unlink(missing_ok=True)
     m = build(args, device, amp)
@@ -576,7 +581,7 @@ def train(args, ck=None):
                      "torchvision": torchvision.__version__, "numpy": np.__version__},
     }  # fmt: skip
     atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-    log = Log(args, step)
+    log = Log(args, step, tensorboard)
     if step >= total:
         print(f"the run in {args.out} is already at step {step} of {total}: raise --epochs or --max-steps to go on")
         return
@@ -638,14 +643,13 @@ def generate(args):
     device, _ = setup(args)
     G = load_generator(args.checkpoint or os.path.join(args.out, "checkpoint.pt"), device)
     folder = os.path.join(args.out, "generated")
-    os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
         images = torch.cat([to_uint8(G(torch.randn(min(256, args.generate - i), G.nz, 1, 1, device=device)))
                             for i in range(0, args.generate, 256)])  # fmt: skip
     for i, img in enumerate(tqdm(images, desc="writing", disable=None)):
         save_png(img[None], os.path.join(folder, f"{i:06d}.png"))
-    save_png(images[:64], os.path.join(folder, "grid.png"))
-    print(f"wrote {len(images)} images and grid.png to {folder}")
+    save_png(images[:64], os.path.join(args.out, "generated_grid.png"))  # beside: FID tools read the whole folder
+    print(f"wrote {len(images)} images to {folder}, the first 64 as a grid in generated_grid.png beside it")
 
 
 def interpolate(args):
@@ -666,7 +670,6 @@ def interpolate(args):
                 grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
                 frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
-    os.makedirs(args.out, exist_ok=True)
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
 
@@ -690,7 +693,7 @@ def benchmark(args):
     device, amp = setup(args)
     m = build(args, device, amp)
     real = preprocess(torch.randint(0, 256, (args.batch_size, NC, SIZE, SIZE), dtype=torch.uint8, device=device), args)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
         train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 0, 1)
     for step in range(5 + args.benchmark):
