@@ -1,14 +1,21 @@
-"""Tests that run every script as a user does: subprocesses, real flags, tiny data, temporary folders.
+"""Tests that run the scripts as a user does: real flags, tiny data, temporary folders, then a look at what they wrote.
 
-python -m pytest test_scripts.py -q              # everything (a few minutes on 2 CPU cores)
-python -m pytest test_scripts.py -q -m "not slow"  # the quick half
+python -m pytest test_scripts.py -q -n auto          # everything (a few minutes on 2 CPU cores)
+python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
+
+Training runs start the scripts as subprocesses (run, start). What a script does before its first training step
+(--help, refusals, --summary, --generate, --interpolate) and most cases of the two helpers go through the same main()
+in this process (call), without the seconds that starting Python with torch takes.
 """
 
+import argparse
+import ast
 import contextlib
 import csv
 import glob
 import hashlib
 import importlib
+import importlib.util
 import io
 import itertools
 import json
@@ -23,131 +30,100 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-# every script runs in its own process: one thread each keeps two test workers (-n 2) from fighting over the cores
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# one thread per process, whatever was exported: two test workers (-n 2) share two cores without fighting over them
+os.environ["OMP_NUM_THREADS"] = "1"
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # run in the background: the scripts would inherit it, and
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignore the Ctrl-C the tests send them
 
 import numpy as np
 import pytest
 import torch
 from filelock import FileLock
-from PIL import Image
+from PIL import Image, ImageOps, ImageSequence
 
 import dcgan_celeba as d
+import dcgan_hires as h
+import dcgan_mnist as m
 
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
 CKPT_KEYS = ["generator", "discriminator", "opt_g", "opt_d", "step", "epoch", "args", "fixed_noise"]
-# per script: resolution, channels, and flags that make a run tiny and quick on a CPU
-SCRIPTS = {
-    "dcgan_mnist.py": (
-        28,
-        1,
-        ["--dataset", "synthetic", "--max-images", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8"],
-    ),
-    "dcgan_celeba.py": (
-        32,
-        3,
-        [
-            "--dataset",
-            "synthetic",
-            "--size",
-            "32",
-            "--max-images",
-            "128",
-            "--batch-size",
-            "16",
-            "--ngf",
-            "8",
-            "--ndf",
-            "8",
-            "--amp",
-            "off",
-        ],
-    ),
-    "dcgan_hires.py": (
-        128,
-        3,
-        [
-            "--dataset",
-            "synthetic",
-            "--size",
-            "128",
-            "--max-images",
-            "64",  # 8 steps an epoch: fewer epoch ends (a 1024 x 1024 grid each) in the 40 steps of the fault runs
-            "--batch-size",
-            "8",
-            "--ngf",
-            "4",
-            "--ndf",
-            "4",
-            "--amp",
-            "off",
-        ],
-    ),
+TINY = "--device cpu --amp off --dataset synthetic"  # the same device and precision on every machine
+SCRIPTS = {  # resolution, channels, and the flags of a tiny run, quick on a CPU
+    "dcgan_mnist.py": (28, 1, f"{TINY} --max-images 256 --batch-size 32 --ngf 8 --ndf 8".split()),
+    "dcgan_celeba.py": (32, 3, f"{TINY} --size 32 --max-images 128 --batch-size 16 --ngf 8 --ndf 8".split()),
+    # 8 steps an epoch: few epoch ends (a 1024 x 1024 grid each) in the 40 steps of the fault runs
+    "dcgan_hires.py": (128, 3, f"{TINY} --size 128 --max-images 64 --batch-size 8 --ngf 4 --ndf 4".split()),
 }
+# dcgan_celeba.py trains with dcgan_mnist.py's code, word for word (test_shared_helpers_are_identical_across_scripts):
+# what only the training loop does is tried on these two
+TRAIN_LOOPS = ["dcgan_mnist.py", "dcgan_hires.py"]
 slow = pytest.mark.slow
 
 
-def run(script, *args, cwd=ROOT, ok=True, timeout=300, **kw):
-    """Run a script like a user; ok=True asserts exit 0, ok=int asserts that exit code. No traceback, ever."""
-    p = subprocess.run(command(script, *args), cwd=cwd, capture_output=True, check=False, text=True, timeout=timeout,
-                       **kw)  # fmt: skip
-    want = 0 if ok is True else ok
-    assert want is False or p.returncode == want, f"exit {p.returncode}, wanted {want}\n{p.stdout}\n{p.stderr}"
-    assert "Traceback" not in p.stderr, p.stderr
-    return p
-
-
-def command(script, *args, nproc=0):
-    """The command line of `script`; with nproc, under `torchrun --standalone --nproc_per_node nproc`."""
+def start(script, *args, nproc=0, **popen):
+    """`python script args` started in the background, unbuffered (a file given as stdout shows how far it got); with
+    nproc, under `torchrun --standalone --nproc_per_node nproc`. popen: Popen's arguments, env the variables to add."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
-    return [sys.executable, *launcher, str(ROOT / script), *map(str, args)]
+    popen = {"cwd": ROOT, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    popen["env"] = {**os.environ, "PYTHONUNBUFFERED": "1", **popen.get("env", {})}
+    return subprocess.Popen([sys.executable, *launcher, str(ROOT / script), *map(str, args)], text=True, **popen)
 
 
-def start(script, *args, stdout=subprocess.PIPE, nproc=0):
-    """Start a script in the background, unbuffered so that a file given as stdout shows how far it got. Its output
-    is small: pipes cannot fill up and block it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(command(script, *args, nproc=nproc), cwd=ROOT, env=env, text=True, stdout=stdout,
-                            stderr=subprocess.PIPE)  # fmt: skip
+def finish(proc, ok=True, timeout=300):
+    """Wait for the end of proc -> CompletedProcess. ok=True wants exit 0, ok=int that code, ok=False any."""
+    out, err = proc.communicate(timeout=timeout)
+    return checked(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), ok)
+
+
+def run(script, *args, ok=True, timeout=300, **popen):
+    """Run a script as a user does (start) and wait for its end (finish)."""
+    return finish(start(script, *args, **popen), ok, timeout)
 
 
 def stop(proc, sig, code=None):
-    """Send sig and wait for the end: exit code `code` (default 128 + sig), no traceback -> (stdout, stderr)."""
+    """Send sig to proc, then SIGCONT (a process stopped by wait_for handles sig where it stood), and wait for its end:
+    exit `code` (default 128 + sig)."""
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == (128 + sig if code is None else code), (proc.returncode, out, err)
-    assert "Traceback" not in err, err
-    return out, err
+    proc.send_signal(signal.SIGCONT)
+    return finish(proc, 128 + sig if code is None else code, timeout=120)
 
 
 def call(script, *args, ok=True):
-    """`python script args` run in this process, as run() checks it, for what a script does before it loads data
-    or a model (--help, argument errors, refusals): the same main(), without the 3 s that starting Python with torch
-    and torchvision takes."""
+    """`python script args` run in this process through the same main(), checked as run() checks it."""
     module, argv, out, err = importlib.import_module(script[:-3]), sys.argv, io.StringIO(), io.StringIO()
-    sys.argv, code = [str(ROOT / script), *map(str, args)], 0
+    sys.argv = command = [str(ROOT / script), *map(str, args)]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train() installs its own
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            module.main()
+            code = module.main() or 0  # the helpers return their exit code
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         sys.argv = argv
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    p = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    return checked(subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue()), ok)
+
+
+def checked(p, ok):
     want = 0 if ok is True else ok
     assert want is False or p.returncode == want, f"exit {p.returncode}, wanted {want}\n{p.stdout}\n{p.stderr}"
+    assert "Traceback" not in (p.stderr or ""), p.stderr  # no traceback, ever
     return p
+
+
+def refused(p, *words):
+    """A refusal: exactly one line on stderr, `error: ...` (after the name of the helper for make_gif.py and
+    plot_losses.py), naming every word. Its exit code is for run() or call() to check."""
+    assert len(p.stderr.splitlines()) == 1 and re.match(r"(\w+\.py: )?error: ", p.stderr), p.stderr
+    for word in words:
+        assert word in p.stderr, (word, p.stderr)
 
 
 def tiny(script, out, *extra):
@@ -158,7 +134,7 @@ def rows(run_dir):
     with open(Path(run_dir) / "losses.csv", newline="") as f:
         reader = csv.reader(f)
         assert next(reader)[:6] == COLUMNS
-        return [r for r in reader]
+        return list(reader)
 
 
 def load(path):
@@ -170,7 +146,9 @@ def config(run_dir):
 
 
 def check_run(run_dir, size, channels, steps=None):
-    """SPEC §3, as shared/check_run.py checks it (copied here: the tests must not depend on ../shared)."""
+    """What a run directory holds: config.json; losses.csv, one row per step from 1, probabilities in [0, 1]; the grids
+    of real images and of every epoch, 8 x 8 images in the data's channels; the checkpoint with every key, saved from
+    the plain modules, with finite weights, at the last step of the CSV. -> the checkpoint."""
     run_dir = Path(run_dir)
     assert isinstance(config(run_dir), dict)
     last = 0
@@ -195,19 +173,33 @@ def check_run(run_dir, size, channels, steps=None):
     return ck
 
 
+def assert_same_run(out, ref, size, nc, steps):
+    """The run in out, stopped and resumed, is the run in ref that never stopped: losses.csv byte for byte, the same
+    sample grids, and the checkpoint's weights, buffers, optimizer states and RNG state bit for bit."""
+    a, b = check_run(out, size, nc, steps=steps), load(ref / "checkpoint.pt")
+    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
+    assert digest(out / "samples") == digest(ref / "samples")
+    assert a["step"] == b["step"]
+    for key in ("generator", "discriminator", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for key in ("opt_g", "opt_d"):
+        assert a[key]["state"].keys() == b[key]["state"].keys()
+        for i, state in a[key]["state"].items():
+            for name, value in state.items():
+                other = b[key]["state"][i][name]
+                assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (key, i, name)
+    assert torch.equal(a["rng_cpu"], b["rng_cpu"]) and torch.equal(a["fixed_noise"], b["fixed_noise"])
+
+
+def grid_pixels(path):
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
 def digest(folder):
-    return {
-        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in Path(folder).rglob("*")
-        if p.is_file()
-    }
-
-
-def assert_one_line_error(p, *words):
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*")
+            if p.is_file()}  # fmt: skip
 
 
 def made_once(*flags):
@@ -242,48 +234,49 @@ def copy_run(run_dir, tmp_path):
 # the uninterrupted, deterministic run that resumed and interrupted runs are compared with, bit for bit
 FAULT_STEPS = 40  # its length (the interruptions below take about 10 steps; the disk-full test needs 30 rows)
 # bit-exact on a CPU, --max-steps binds first; EMA, step grids and --log-every as their resumption must be exact too
-FAULT_EXACT = ["--deterministic", "--amp", "off", "--epochs", 1000, "--ema", 0.9, "--sample-every", 10,
-               "--log-every", 4]  # fmt: skip
+FAULT_EXACT = ["--deterministic", "--epochs", 1000, "--ema", 0.9, "--sample-every", 10, "--log-every", 4]
 fault_reference = made_once(*FAULT_EXACT, "--max-steps", FAULT_STEPS)
 dry_run = made_once("--dry-run")
-# dcgan_celeba.py trains with dcgan_mnist.py's code, word for word (train, prepare_run, atomic_write, save_checkpoint,
-# Log: test_shared_helpers_are_identical_across_scripts): what only the training loop does is tried on these two
-TRAIN_LOOPS = ["dcgan_mnist.py", "dcgan_hires.py"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The contract of every training script: SPEC §2 and §3
+# Every training script: its command line, the run directory, the no-training modes
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "make_gif.py", "plot_losses.py"])
+def test_help_shows_the_default_of_every_flag(script, monkeypatch):
+    """The help block of every flag shows the default of the parser the script builds, once; a default of None (one
+    that depends on other flags) is said in words, never as "(default: None)"."""
+    parsers, parse_args = [], argparse.ArgumentParser.parse_args
+
+    def spy(parser, *args, **kw):
+        parsers.append(parser)
+        return parse_args(parser, *args, **kw)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    text = call(script, "--help").stdout
+    blocks = {b.split()[0].rstrip(","): " ".join(b.split()) for b in re.split(r"\n  (?=-)", text)[1:]}
+    flags = [a for a in parsers[0]._actions if a.option_strings]
+    assert set(blocks) == {a.option_strings[0] for a in flags} and len(flags) > 5
+    for a in flags:
+        block = blocks[a.option_strings[0]]
+        assert block.count("(default:") <= 1 and "(default: None)" not in block, block
+        if a.default not in (None, argparse.SUPPRESS):
+            assert f"(default: {a.default})" in block, block
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_lists_every_flag_with_its_default(script):
-    out = " ".join(call(script, "--help").stdout.split())
-    for flag in ["--dataset", "--data", "--out", "--epochs", "--max-steps", "--dry-run", "--batch-size", "--nz",
-                 "--ngf", "--ndf", "--lr-g", "--lr-d", "--beta1", "--beta2", "--seed", "--device", "--amp",
-                 "--compile", "--deterministic", "--resume", "--generate", "--interpolate", "--summary", "--benchmark",
-                 "--sample-every", "--log-every", "--tensorboard", "--label-smoothing", "--instance-noise", "--g-steps",
-                 "--d-optim", "--spectral-norm", "--d-dropout", "--clip-grad", "--ema"]:  # fmt: skip
-        assert flag in out, flag
-    assert "(default: 0.0002)" in out and "(default: 0)" in out
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_dry_run_writes_a_complete_run_directory(script, dry_run):
+def test_a_dry_run_and_a_run_of_several_epochs_write_complete_run_directories(script, dry_run, fault_reference):
     size, nc, _ = SCRIPTS[script]
     out = dry_run(script)
     stdout = (out.parent / "stdout.txt").read_text()
-    for line in ("seed: 0", "device: cpu", "amp: ", "data: "):
+    for line in ("seed: 0", "device: cpu", "amp: off", "data: "):
         assert line in stdout
     ck = check_run(out, size, nc, steps=1)
     assert ck["fixed_noise"].shape[0] == 64 and ck["args"]["dry_run"] is True
     conf = config(out)
     assert conf["resolved_device"] == "cpu" and conf["data_size"] > 0
     assert conf["parameters"]["generator"] > 0 and "torch" in conf["versions"]
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_epochs_and_step_grids(script, fault_reference):
-    size, nc, _ = SCRIPTS[script]
     out = fault_reference(script)  # --max-steps 40 --sample-every 10 --log-every 4
     spe = config(out)["steps_per_epoch"]
     epochs = FAULT_STEPS // spe
@@ -296,21 +289,38 @@ def test_epochs_and_step_grids(script, fault_reference):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_generate_interpolate_summary_benchmark(script, tmp_path, fault_reference):
+def test_generate_interpolate_summary_benchmark_and_every_image_from_the_ema(script, tmp_path, fault_reference):
     size, nc, flags = SCRIPTS[script]
-    out = copy_run(fault_reference(script), tmp_path)  # with --ema 0.9: its EMA weights make the images
+    mod, out = importlib.import_module(script[:-3]), copy_run(fault_reference(script), tmp_path)  # --ema 0.9
+    ck = load(out / "checkpoint.pt")
+    for weights in ("ema", "generator"):  # the last step's grids, drawn again from each set of weights
+        G = mod.load_generator(out / "checkpoint.pt").to(memory_format=torch.channels_last)  # as in training
+        G.load_state_dict(ck[weights])
+        with torch.no_grad():
+            mod.save_png(mod.to_uint8(G(ck["fixed_noise"])), tmp_path / f"{weights}.png")
+    for name in (f"epoch_{ck['epoch']:03d}.png", f"step_{ck['step']:07d}.png"):
+        assert np.array_equal(grid_pixels(out / "samples" / name), grid_pixels(tmp_path / "ema.png")), name
+        assert not np.array_equal(grid_pixels(out / "samples" / name), grid_pixels(tmp_path / "generator.png"))
+    ck["generator"] = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ck["generator"].items()}
+    torch.save(ck, out / "checkpoint.pt")  # the live generator now draws flat gray: only the EMA draws anything
     before = digest(out)
     run(script, "--out", out, "--generate", 10)
-    files = sorted((out / "generated").glob("*.png"))
-    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(10)] + ["grid.png"]
-    for f in files[:10]:
+    files = sorted((out / "generated").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(10)]  # exactly N images: FID tools read the folder
+    for f in files:
         im = Image.open(f)
         assert im.size == (size, size) and im.mode == ("L" if nc == 1 else "RGB")
-    after = digest(out)  # --generate in a finished run writes generated/ and nothing else
-    assert {k: after[k] for k in before} == before and len(after) == len(before) + len(files)
+    assert np.std([grid_pixels(f) for f in files]) > 1
+    grid = Image.open(out / "generated_grid.png")  # beside the folder: 8 images a row
+    assert grid.size == (8 * size + 18, 2 * size + 6) and grid.mode == im.mode
+    after = digest(out)  # --generate in a finished run writes generated/ and its grid, nothing else
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + len(files) + 1
     call(script, "--out", out, "--interpolate", 3)  # nothing trains: in this process
     gif = Image.open(out / "interpolation.gif")
-    assert gif.n_frames == 4 * 3
+    assert gif.n_frames == 4 * 3 and np.std([np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)]) > 1
+    (tmp_path / "file").write_text("")
+    for mode in (["--generate", 2], ["--interpolate", 2]):  # --out is a file: one line, exit 1
+        refused(call(script, "--out", tmp_path / "file", "--checkpoint", out / "checkpoint.pt", *mode, ok=1))
     p = call(script, *flags, "--summary")
     G = importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt")  # the same flags as the summary
     assert f"total parameters: {sum(q.numel() for q in G.parameters()):,}" in p.stdout
@@ -323,44 +333,72 @@ def test_generate_interpolate_summary_benchmark(script, tmp_path, fault_referenc
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_training_trick_runs_and_g_act_d_norm_are_kept_on_resume(script, tmp_path):
-    """Every trick at once, --g-act leaky and --d-norm none among them (one launch): --g-act and --d-norm are kept in
-    the checkpoint, and a --resume that types other values is refused."""
-    size, nc, _ = SCRIPTS[script]
-    tricks = ["--label-smoothing", 0.1, "--instance-noise", 0.1, "--g-steps", 2, "--d-optim", "sgd", "--spectral-norm",
-              "--d-dropout", 0.2, "--clip-grad", 1.0, "--ema", 0.99, "--lr-g", 4e-4, "--lr-d", 1e-4, "--g-act", "leaky",
-              "--d-norm", "none"]  # fmt: skip
-    run(script, *tiny(script, tmp_path / "run", "--max-steps", 3, *tricks))
+def test_every_training_trick_takes_effect(script, tmp_path):
+    """Every trick at once, for 3 steps. Each is recorded in config.json and in the checkpoint, and shows where it can
+    be seen from outside: spectral norm's parametrizations in D's weights, no BatchNorm in D (--d-norm none), SGD's
+    momentum buffers in D's optimizer, Adam's moments and two steps per step in G's (--g-steps 2), the learning rates,
+    EMA weights apart from G's; in --summary, LeakyReLU in G and spatial dropout in D. A --resume that types another
+    --g-act or --d-norm is refused."""
+    size, nc, flags = SCRIPTS[script]
+    tricks = {"label_smoothing": 0.1, "instance_noise": 0.1, "noise_schedule": "constant", "g_steps": 2,
+              "d_optim": "sgd", "spectral_norm": True, "d_dropout": 0.2, "clip_grad": 1.0, "ema": 0.99, "lr_g": 4e-4,
+              "lr_d": 1e-4, "g_act": "leaky", "d_norm": "none"}  # fmt: skip
+    if script != "dcgan_mnist.py":  # digits have no --flip
+        tricks["flip"] = True
+    typed = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in tricks.items()]
+    run(script, *tiny(script, tmp_path / "run", "--max-steps", 3, *typed))
     ck = check_run(tmp_path / "run", size, nc, steps=3)
-    assert any("parametrizations" in k for k in ck["discriminator"]) and "ema" in ck
-    assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9
-    assert (ck["args"]["g_act"], ck["args"]["d_norm"]) == ("leaky", "none")
-    assert not any("running_mean" in k for k in ck["discriminator"])  # --d-norm none
+    assert {k: config(tmp_path / "run")[k] for k in tricks} == tricks == {k: ck["args"][k] for k in tricks}
+    assert any(k.endswith("parametrizations.weight.original") for k in ck["discriminator"])
+    assert not any("running_mean" in k for k in ck["discriminator"])
+    (opt_g,), (opt_d,) = ck["opt_g"]["param_groups"], ck["opt_d"]["param_groups"]
+    assert (opt_g["lr"], opt_d["lr"], opt_d["momentum"]) == (4e-4, 1e-4, 0.9)
+    assert all(set(state) == {"momentum_buffer"} for state in ck["opt_d"]["state"].values())
+    assert all({"exp_avg", "exp_avg_sq"} < set(s) and s["step"] == 6 for s in ck["opt_g"]["state"].values())
+    assert not all(torch.equal(v, ck["generator"][k]) for k, v in ck["ema"].items())
+    g_layers, d_layers = call(script, *flags, *typed, "--summary").stdout.split("Discriminator")
+    assert "LeakyReLU" in g_layers and "ReLU " not in g_layers.replace("LeakyReLU", "")
+    assert "Dropout2d" in d_layers and "ParametrizedConv2d" in d_layers and "BatchNorm2d" not in d_layers
+    summary = call(script, *flags, "--summary", "--spectral-norm", "--d-norm", "batch").stdout
+    d_layers = summary.split("Discriminator")[1]
+    assert "ParametrizedConv2d" in d_layers and "BatchNorm2d" in d_layers and "Dropout2d" not in d_layers
     p = call(script, "--out", tmp_path / "run", "--resume", "--g-act", "relu", "--d-norm", "batch", ok=2)
-    assert_one_line_error(p, "--g-act leaky (checkpoint) vs relu", "--d-norm none (checkpoint) vs batch")
+    refused(p, "--g-act leaky (checkpoint) vs relu", "--d-norm none (checkpoint) vs batch")
 
 
+@pytest.mark.parametrize("installed", [True, False], ids=["installed", "missing"])
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
-def test_tensorboard_is_optional(script, tmp_path):
-    p = call(script, *tiny(script, tmp_path / "run", "--dry-run", "--tensorboard"), ok=False)  # refused before training
-    try:
-        import tensorboard  # noqa: F401
+def test_tensorboard_is_optional(script, installed, tmp_path, monkeypatch):
+    """Installed, --tensorboard logs the losses.csv values and the grids to <out>/tb. Missing (made unimportable here,
+    wherever it is installed), the run is refused in one line before anything is written, and the same command is
+    refused the same way again, not as a run that already exists."""
+    out = tmp_path / "run"
+    if installed:
+        if importlib.util.find_spec("tensorboard") is None:
+            pytest.skip("tensorboard is not installed: pip install tensorboard")
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        assert p.returncode == 0 and any((tmp_path / "run" / "tb").iterdir())
-    except ImportError:
-        assert p.returncode == 2 and "pip install tensorboard" in p.stderr
+        run(script, *tiny(script, out, "--max-steps", 3, "--log-every", 2, "--tensorboard"))
+        events = EventAccumulator(str(out / "tb")).Reload()
+        logged = events.Scalars("loss_d")
+        assert [s.step for s in logged] == [1, 2, 3]
+        assert [s.value for s in logged] == pytest.approx([float(r[2]) for r in rows(out)], rel=1e-5)
+        assert events.Tags()["images"] == ["samples"]
+        return
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` now raises ImportError, as when it is not installed
+    for _ in range(2):
+        refused(call(script, *tiny(script, out, "--dry-run", "--tensorboard"), ok=2), "pip install tensorboard")
+        assert not out.exists() or not any(out.iterdir())
 
 
-# what may differ between the scripts: resolution, data, layers (STYLE.md); with dcgan_hires.py also DDP
+# what may differ between the scripts: resolution, data, layers; with dcgan_hires.py also DDP
 MAY_DIFFER = {"parse_args", "load_dataset", "preprocess", "Generator", "Discriminator", "build", "load_generator",
               "benchmark", "BatchSource"}  # fmt: skip
 MAY_DIFFER_DDP = MAY_DIFFER | {"setup", "train", "main", "Log"}
 
 
 def test_shared_helpers_are_identical_across_scripts():
-    import ast
-    import itertools
-
     def definitions(script):
         src = (ROOT / script).read_text()
         return {n.name: ast.get_source_segment(src, n) for n in ast.parse(src).body if hasattr(n, "name")}
@@ -375,15 +413,147 @@ def test_shared_helpers_are_identical_across_scripts():
     assert shared >= 20 * (len(scripts) - 1)
 
 
+def readme_block(heading):
+    """The ```python and ```bash blocks under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(?:python|bash)\n(.*?)```", section, re.DOTALL)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypatch, fault_reference):
+    out = fault_reference(script)  # a run with --ema
+    module = importlib.import_module(script[:-3])
+    G = module.load_generator(out / "checkpoint.pt")
+    ck = load(out / "checkpoint.pt")
+    assert not G.training and all(torch.equal(v, ck["ema"][k]) for k, v in G.state_dict().items())
+    size, nc, _ = SCRIPTS[script]
+    assert G(torch.randn(2, G.nz, 1, 1)).shape == (2, nc, size, size)
+    code = readme_block("Use a trained generator from Python")[0]
+    code = code.replace("dcgan_celeba", script[:-3]).replace("runs/celeba64", str(out))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example, run as a user would)
+    assert Image.open(tmp_path / "grid.png").size[0] >= 4 * size
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, tmp_path, dry_run):
+    """The flags typed with --resume win; the first resume is of a checkpoint written before --g-act and --d-norm
+    existed: missing keys mean ReLU and BatchNorm unless spectral norm."""
+    out = copy_run(dry_run(script), tmp_path)
+    ck = load(out / "checkpoint.pt")
+    del ck["args"]["g_act"], ck["args"]["d_norm"]
+    torch.save(ck, out / "checkpoint.pt")
+    run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
+    assert isinstance(importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt").main[2], torch.nn.ReLU)
+    ck = load(out / "checkpoint.pt")
+    assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
+    for opt in ("opt_g", "opt_d"):
+        assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
+    assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 and ck["opt_d"]["param_groups"][0]["lr"] == 2e-4
+    p = run(script, "--out", out, "--resume", "--max-steps", 3, "--d-optim", "sgd")
+    assert "resume: --d-optim sgd: D's optimizer starts afresh (the run used adam)" in p.stdout
+    ck = load(out / "checkpoint.pt")
+    assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9 and ck["args"]["beta1"] == 0.3  # the rest from the run
+    before = digest(out)
+    p = call(script, "--out", out, "--resume", "--max-steps", 4, "--batch-size", 4, ok=2)
+    refused(p, "--resume", "--batch-size", "an epoch is")
+    assert digest(out) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_amp_auto_and_device_auto(script, monkeypatch, capsys):
+    module = importlib.import_module(script[:-3])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # setup() on a pretend GPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+    def amp(flag, native):
+        native_only = lambda including_emulation=True: including_emulation or native
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", native_only)
+        return module.setup(module.parse_args(["--device", "cuda", "--amp", flag])[0])[1]
+
+    assert amp("auto", native=False) == "fp16"  # a T4/V100: emulated bf16 only
+    assert amp("auto", native=True) == "bf16"
+    assert amp("off", native=True) == "off"
+    auto = SimpleNamespace(seed=0, deterministic=False, amp="off", device="auto")
+    for cuda, mps, want in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):  # --device auto
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert module.setup(auto)[0].type == want
+    with pytest.raises(SystemExit) as e:
+        module.setup(SimpleNamespace(**vars(auto) | {"device": "cuda"}))
+    assert e.value.code == 2 and "error: --device cuda: not available on this machine" in capsys.readouterr().err
+
+
+def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
+    seen = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, target):
+        seen.append((logits.dtype, target.dtype, target.flatten()[0].item()))
+        return bce(logits, target)
+
+    monkeypatch.setattr(m.F, "binary_cross_entropy_with_logits", spy)
+    args, _ = m.parse_args(["--dataset", "synthetic", "--ngf", "4", "--ndf", "4", "--label-smoothing", "0.1"])
+    net = m.build(args, torch.device("cpu"), "bf16")
+    m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)
+    assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
+    assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
+
+
+def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
+    sigmas = {}
+    for schedule in ("anneal", "constant"):
+        seen = sigmas[schedule] = []
+        monkeypatch.setattr(m, "noisy", lambda x, sigma, seen=seen: seen.append(sigma) or x)
+        call("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / schedule, "--epochs", 1, "--instance-noise", 0.5,
+                                     "--noise-schedule", schedule))  # in this process, to see every sigma  # fmt: skip
+        assert load(tmp_path / schedule / "checkpoint.pt")["args"]["noise_schedule"] == schedule
+    steps = 256 // 32  # one epoch; noisy() is called 3 times a step (real, fake for D, fake for G)
+    assert sigmas["constant"] == [0.5] * 3 * steps
+    assert sigmas["anneal"][::3] == [0.5 * (1 - s / steps) for s in range(steps)]
+
+
+@slow
+def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
+    """--ema 0.999 for 80 steps: without warm-up 92% of the EMA weights would still be the random initialisation.
+    With it, EMA samples are close to the live generator's, far from an untrained one's (BatchNorm statistics in
+    the average too). At half the default widths (--ngf 16: 7 s instead of 13; seeds 0, 1, 2 gave EMA-to-live
+    distances of 0.18, 0.16, 0.20 of the untrained-to-live one, EMA contrast 0.93 to 0.96 of the live G's)."""
+    flags = [*TINY.split(), "--max-images", 2048, "--max-steps", 80, "--ema", 0.999, "--ngf", 16, "--ndf", 16]
+    run("dcgan_mnist.py", *flags, "--out", tmp_path / "run")
+    ck = load(tmp_path / "run" / "checkpoint.pt")
+    assert not any(k.startswith("module.") for k in ck["ema"])
+    assert not torch.equal(ck["ema"]["main.1.running_mean"], ck["generator"]["main.1.running_mean"])
+    torch.manual_seed(0)  # the run's seed: the generator the run started from
+    nets = {"untrained": m.Generator(100, 16), "live": m.Generator(100, 16), "ema": m.Generator(100, 16)}
+    nets["live"].load_state_dict(ck["generator"])
+    nets["ema"].load_state_dict(ck["ema"])
+    with torch.no_grad():
+        z = torch.randn(256, 100, 1, 1)
+        out = {k: g.eval()(z) for k, g in nets.items()}
+    ema_vs_live = (out["ema"] - out["live"]).abs().mean().item()
+    untrained_vs_live = (out["untrained"] - out["live"]).abs().mean().item()
+    assert ema_vs_live < 0.5 * untrained_vs_live, (ema_vs_live, untrained_vs_live)
+    stds = {k: round(v.std().item(), 3) for k, v in out.items()}  # contrast: strokes on black, not a flat gray
+    assert stds["ema"] > 0.7 * stds["live"] and stds["ema"] > 2 * stds["untrained"], stds
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# SPEC §5: errors and safety
+# Errors and safety
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_argument_values_are_argparse_errors(script, tmp_path):
-    for i, bad in enumerate((["--batch-size", 1], ["--epochs", -1], ["--amp", "fp8"], ["--label-smoothing", 1.5])):
-        p = (run if i == 0 else call)(script, *tiny(script, tmp_path / "run", *bad), ok=2)  # the first one for real
-        assert "usage:" in p.stderr and bad[0] in p.stderr and not (tmp_path / "run").exists()
+    """Exit 2, usage, and an error line that names the flag; nothing written."""
+    bad = [("--batch-size", 1), ("--epochs", -1), ("--amp", "fp8"), ("--label-smoothing", 1.5), ("--lr-d", -1)]
+    if script != "dcgan_mnist.py":
+        bad += [("--size", 48), ("--data-memory", -1), ("--crop", 0)]
+    for i, (flag, value) in enumerate(bad):
+        p = (run if i == 0 else call)(script, *tiny(script, tmp_path / "run", flag, value), ok=2)  # the first for real
+        assert p.stderr.startswith("usage: ") and not (tmp_path / "run").exists(), p.stderr
+        assert p.stderr.splitlines()[-1].startswith(f"{script}: error: argument {flag}: "), p.stderr
 
 
 @pytest.mark.parametrize("script", TRAIN_LOOPS)  # the refusal is in train(), dcgan_celeba.py's is mnist's
@@ -394,8 +564,8 @@ def test_existing_run_is_never_clobbered(script, tmp_path, fault_reference):
     out = copy_run(fault_reference(script), tmp_path)
     before = digest(out)
     p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
-    assert_one_line_error(p, "--resume", "--out", str(out))
-    assert_one_line_error(call(script, *tiny(script, out, "--dry-run"), ok=2), "--resume", "--out", str(out))
+    refused(p, "--resume", "--out", str(out))
+    refused(call(script, *tiny(script, out, "--dry-run"), ok=2), "--resume", "--out", str(out))
     assert digest(out) == before
 
 
@@ -413,57 +583,50 @@ def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path,
     before = digest(out)
     p = call(script, *tiny(script, out, "--resume", "--nz", 50, "--ngf", 16), ok=2)
     flags = SCRIPTS[script][2]
-    assert_one_line_error(
-        p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16"
-    )
+    refused(p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16")
     assert digest(out) == before
-    p = call(script, "--out", tmp_path / "empty", "--resume", ok=2)
-    assert_one_line_error(p, "no checkpoint at")
+    refused(call(script, "--out", tmp_path / "empty", "--resume", ok=2), "no checkpoint at")
     good = (out / "checkpoint.pt").read_bytes()
     torch.save({"script": "dcgan_other.py", "step": 3}, tmp_path / "other.pt")
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED", str(marker))
     torch.save({"script": script, "generator": Payload()}, tmp_path / "evil.pt")
-    unreadable, refused = "not a readable checkpoint", "refused, nothing in it was executed"
-    evil = (tmp_path / "evil.pt").read_bytes()
+    unreadable, evil = "not a readable checkpoint", (tmp_path / "evil.pt").read_bytes()
     cases = {
         "truncated": (good[: len(good) // 2], unreadable, "--resume"),
         "random": (os.urandom(4096), unreadable, "--resume"),
         "empty": (b"", unreadable, "--resume"),
         "other": ((tmp_path / "other.pt").read_bytes(), "written by dcgan_other.py", "--resume"),
         "pickle": (pickle.dumps({"script": script}), unreadable, "--resume"),
-        "evil": (evil, refused, "--resume"),
-        "evil-generate": (evil, refused, "--generate"),
-        "evil-interpolate": (evil, refused, "--interpolate"),
+        "evil": (evil, "refused, nothing in it was executed", "--resume"),
+        "evil-generate": (evil, "refused, nothing in it was executed", "--generate"),
+        "evil-interpolate": (evil, "refused, nothing in it was executed", "--interpolate"),
         "truncated-generate": (good[: len(good) // 2], unreadable, "--generate"),  # the same loader as --resume
     }
     for name, (data, words, mode) in cases.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "checkpoint.pt").write_bytes(data)
         args = {"--resume": [], "--generate": [1], "--interpolate": [2]}[mode]
-        p = call(script, "--out", tmp_path / name, mode, *args, ok=2)
-        assert_one_line_error(p, words)
+        refused(call(script, "--out", tmp_path / name, mode, *args, ok=2), words)
         assert sorted(os.listdir(tmp_path / name)) == ["checkpoint.pt"], name
     assert not marker.exists()
 
 
-# dcgan_celeba.py stops and resumes with mnist's train(); its BatchSource resumed mid-epoch, batch for batch, is
-# test_batch_source_order_resume_and_paths
+@slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_signal_finishes_the_step_saves_and_resumes_exactly(script, tmp_path, fault_reference):
     """Ctrl-C (SIGINT) while training: the step finishes, checkpoint and samples are written, exit 130 with the
     command that resumes. --resume, given no other argument than --max-steps, continues from the step it names;
-    stopped there by SIGTERM (exit 143), resumed to a --max-steps in mid-epoch, then to the end, the run has the
-    losses.csv, byte for byte, the samples and the G, D, EMA, optimizer and RNG states of a run never stopped
-    (--deterministic --amp off on a CPU)."""
+    stopped there by SIGTERM (exit 143), resumed to a --max-steps in mid-epoch, then to the end, the run is the run
+    never stopped, bit for bit (--deterministic on a CPU)."""
     size, nc, _ = SCRIPTS[script]
     out, stopped = tmp_path / "run", 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         args = tiny(script, out, *FAULT_EXACT) if not stopped else ["--out", out, "--resume"]
         proc = start(script, *args, "--max-steps", FAULT_STEPS)
-        assert fault_wait(proc, lambda last=stopped: max(fault_csv_steps(out), default=0) > last)  # this run's rows
-        stdout, _ = stop(proc, sig)
-        assert "--resume" in stdout and (not stopped or f"resume: step {stopped} " in stdout), stdout
+        assert wait_for(proc, lambda last=stopped: max(csv_steps(out), default=0) > last)  # this run's rows
+        p = stop(proc, sig)
+        assert "--resume" in p.stdout and (not stopped or f"resume: step {stopped} " in p.stdout), p.stdout
         stopped = check_run(out, size, nc)["step"]
         assert 0 < stopped < FAULT_STEPS - 4
     middle = (stopped + FAULT_STEPS) // 2
@@ -471,25 +634,26 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(script, tmp_path, fa
     run(script, "--out", out, "--resume", "--max-steps", middle)
     p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS)
     assert f"resume: step {middle} " in p.stdout
-    ck = check_run(out, size, nc, steps=FAULT_STEPS)
-    ref = fault_reference(script)
-    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
-    fault_same_training_state(ck, load(ref / "checkpoint.pt"))
-    assert digest(out / "samples") == digest(ref / "samples")
+    assert_same_run(out, fault_reference(script), size, nc, FAULT_STEPS)
 
 
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, fault_reference):
     out = copy_run(fault_reference(script), tmp_path)
     p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 40, "--lr-d", 1e30, "--lr-g", 1e30, ok=3)
-    assert "NaN or infinite" in p.stderr and f"step {FAULT_STEPS}" in p.stderr
+    refused(p, "NaN or infinite", f"step {FAULT_STEPS})")
     ck = load(out / "checkpoint.pt")
     assert ck["step"] == FAULT_STEPS
     for sd in (ck["generator"], ck["discriminator"]):
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    ck["opt_g"]["state"][0]["exp_avg"].fill_(math.inf)  # G's next update overflows; the losses of its step do not
+    torch.save(ck, out / "checkpoint.pt")
+    p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS + 1, ok=3)
+    refused(p, f"weights at step {FAULT_STEPS + 1} became NaN or infinite", f"checkpoint (step {FAULT_STEPS}) is kept")
+    assert load(out / "checkpoint.pt")["step"] == FAULT_STEPS
 
 
-def fault_small_disk(limit):
+def small_disk(limit):
     """A preexec_fn: no file may grow past `limit` bytes, like a disk that fills up; writes fail with EFBIG."""
 
     def apply():
@@ -499,21 +663,23 @@ def fault_small_disk(limit):
     return apply
 
 
+@slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference):
-    """An --out that cannot be made: exit 1 at once. The disk fills while the checkpoint, the sample grid or the
-    losses.csv row of the next step is written: exit 1 and one line naming the file, the previous checkpoint
-    untouched, no temporary file left; and the run resumes where it was, the rows after its checkpoint dropped."""
+    """An --out that cannot be made: exit 1, one line, before any training step. The disk fills while the checkpoint,
+    the sample grid or the losses.csv row of the next step is written: exit 1 and one line naming the file, the
+    previous checkpoint untouched, no temporary file left; and the run resumes where it was, the rows after its
+    checkpoint dropped."""
     size, nc, _ = SCRIPTS[script]
     (tmp_path / "file").write_text("not a folder")
-    p = call(script, *tiny(script, tmp_path / "file" / "run", "--dry-run"), ok=1)  # before any model: in this process
-    assert_one_line_error(p, "cannot create --out")
+    p = call(script, *tiny(script, tmp_path / "file" / "run", "--dry-run"), ok=1)  # --out names a file: in this process
+    refused(p, "could not write", str(tmp_path / "file" / "run"), "intact")
 
     def disk_full_at(out, limit, *words, extra=()):
         good = (out / "checkpoint.pt").read_bytes()
         p = run(script, "--out", out, "--resume", "--max-steps", load(out / "checkpoint.pt")["step"] + 1, *extra, ok=1,
-                preexec_fn=fault_small_disk(limit))  # fmt: skip
-        assert_one_line_error(p, "could not write", *words, "intact")
+                preexec_fn=small_disk(limit))  # fmt: skip
+        refused(p, "could not write", *words, "intact")
         assert (out / "checkpoint.pt").read_bytes() == good
         assert not list(out.rglob("*.tmp*"))
 
@@ -537,176 +703,140 @@ def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fault injection (issue 6): hard kills, signals before training, stale temporary files
+# Hard kills, signals before training, stale temporary files
 
 
-def fault_slow_data(script):
-    """--max-images for about 2 s of loading synthetic data on a CPU: as many pixels as 40000 MNIST digits."""
-    return ["--max-images", 40000 * 28**2 // SCRIPTS[script][0] ** 2]
-
-
-def fault_wait(proc, condition, timeout=180, poll=0.001):
-    """Poll until condition() holds (True) or the process ends first (False)."""
+def wait_for(proc, condition, freeze=False, timeout=180):
+    """Poll until condition() holds (True) or proc ends first (False). freeze: then stop proc (SIGSTOP) and look again,
+    so that proc stays stopped at a moment where the condition holds (stop() lets it go on), or goes on polling."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            return False
+    while proc.poll() is None:
+        if condition():
+            if not freeze:
+                return True
+            proc.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):  # it ended meanwhile
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return False
+            if condition():
+                return True
+            proc.send_signal(signal.SIGCONT)
         assert time.monotonic() < deadline, "timed out waiting for the script"
-        time.sleep(poll)
-    return True
+        time.sleep(0.0005)
+    return False
 
 
-def fault_newer(path, t0):
+def newer(path, t0):
     """path was (re)written after t0 (time.time_ns()): the process started after t0 has got that far."""
-    try:
-        return path.stat().st_mtime_ns > t0
-    except FileNotFoundError:
-        return False
+    return path.exists() and path.stat().st_mtime_ns > t0  # replaced by a rename: never missing once it exists
 
 
-def fault_trained(run_dir, t0, steps):
-    """The process started after t0 has written the row of step `steps` to losses.csv."""
-    return fault_newer(Path(run_dir) / "losses.csv", t0) and steps in fault_csv_steps(run_dir)
-
-
-def fault_csv_steps(run_dir):
+def csv_steps(run_dir):
     """The step of every row of losses.csv, leniently: a row cut short by a kill still counts if its step is whole."""
     path = Path(run_dir) / "losses.csv"
     lines = path.read_text().splitlines()[1:] if path.exists() else []
     return [int(line.split(",")[0]) for line in lines if line.split(",")[0].isdigit()]
 
 
-def fault_same_training_state(a, b):
-    """Two checkpoints hold the same weights, buffers, optimizer states and RNG state, bit for bit."""
-    assert a["step"] == b["step"]
-    for key in ("generator", "discriminator", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-    for key in ("opt_g", "opt_d"):
-        assert a[key]["state"].keys() == b[key]["state"].keys()
-        for i, state in a[key]["state"].items():
-            for name, value in state.items():
-                other = b[key]["state"][i][name]
-                assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (key, i, name)
-    assert torch.equal(a["rng_cpu"], b["rng_cpu"])
-    assert torch.equal(a["fixed_noise"], b["fixed_noise"])
-
-
 @slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
-def test_fault_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script, tmp_path, fault_reference):
-    """SIGKILL a run (--save-every 1: a checkpoint is written every step) at 5 moments, each start resuming the last
-    one's checkpoint: while loading data, as the first checkpoint appears, while a resume rewrites config.json and
-    losses.csv, during a checkpoint write, and 1 to 6 steps into training. After every kill the checkpoint loads and
-    the rows it covers are in losses.csv; after the last, --resume completes the run with the losses, weights,
-    optimizer states and sample grids of a run that was never interrupted, and leaves no temporary file behind."""
+def test_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script, tmp_path, fault_reference):
+    """SIGKILL a run (--save-every 1: a checkpoint every step) at 5 moments, each start resuming the last one's
+    checkpoint: while a first run loads its data (nothing written yet), as its first checkpoint appears, while a resume
+    rewrites config.json and losses.csv, in the middle of a checkpoint write (its temporary file is left behind), and
+    1 to 6 steps into training; a kill that missed its moment is tried again. After every kill the checkpoint loads
+    and the rows it covers are in losses.csv; after the last, --resume completes the run as if it was never
+    interrupted and leaves no temporary file behind."""
     size, nc, _ = SCRIPTS[script]
-    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.pt"
-    rng = random.Random(6)
-    step, report = 0, []
-    for i, moment in enumerate(["loading", "checkpoint", "config", "write", "delay"]):
-        fresh, started = not ckpt.exists(), time.monotonic()
-        if moment == "checkpoint" and not fresh:  # the kill while loading came late: that start left a checkpoint
-            moment = "config"
-        t0 = time.time_ns()
-        args = tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS, "--save-every", 1)
-        proc = start(script, *(args + ["--resume"] if not fresh else args))
-        if moment == "loading":  # --out is made just before the data is loaded
-            hit = fault_wait(proc, (out / "samples").is_dir)
-        elif moment == "checkpoint":  # step 0's checkpoint, written before config.json and losses.csv
-            hit = fault_wait(proc, ckpt.exists)
-        elif moment == "config":  # a resume rewrites config.json, then truncates losses.csv, then trains
-            hit = fault_wait(proc, partial(fault_newer, out / "config.json", t0))
-        elif moment == "write":  # this process's checkpoint temp file exists: torch.save or fsync in progress
+    out, ckpt, log = tmp_path / "run", tmp_path / "run" / "checkpoint.pt", tmp_path / "stdout.txt"
+    args = tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS, "--save-every", 1)
+    rng, step = random.Random(6), 0
+    for moment in ["loading", "checkpoint", "config", "write", "delay"]:
+        for _ in range(5):
+            t0 = time.time_ns()
+            with open(log, "w") as stdout:
+                proc = start(script, *args, *(["--resume"] if ckpt.exists() else []), stdout=stdout)
             tmp = out / f"checkpoint.pt.tmp{proc.pid}"
-            hit = fault_wait(proc, tmp.exists, poll=0.0002)
-        else:  # 1 to 6 steps into this process's training (its losses.csv rewritten), then up to 30 ms more
-            target = step + rng.randint(1, 6)
-            hit = fault_wait(proc, partial(fault_trained, out, t0, target), poll=0.002)
-            time.sleep(rng.uniform(0, 0.03))
-        proc.kill()
-        stdout, stderr = proc.communicate(timeout=60)
-        assert hit and proc.returncode == -signal.SIGKILL, (moment, proc.returncode, stdout, stderr)
-        left = sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp*"))
-        if ckpt.exists():
-            ck = load(ckpt)  # the previous checkpoint or the new one, never a torn one
-            assert ck["step"] >= step and {"generator", "discriminator", "opt_g", "opt_d"} <= ck.keys()
-            step = ck["step"]
-            assert fault_csv_steps(out)[:step] == list(range(1, step + 1))  # later rows are dropped on resume
-        else:  # killed before its first checkpoint: no run there yet, and a fresh start is accepted
-            assert not (out / "losses.csv").exists() and not (out / "config.json").exists()
-        report.append(f"kill {i} {moment}: checkpoint step {step if ckpt.exists() else None}, temp files left {left}, "
-                      f"{time.monotonic() - started:.1f} s")  # fmt: skip
-    print("\n".join(report))
+            if moment == "loading":  # setup() has printed its last line: the data is being loaded
+                hit = wait_for(proc, lambda: "amp: " in log.read_text())
+            elif moment == "checkpoint":  # step 0's, written before config.json and losses.csv
+                hit = wait_for(proc, ckpt.exists)
+            elif moment == "config":  # a resume rewrites config.json, then truncates losses.csv, then trains
+                hit = wait_for(proc, lambda t0=t0: newer(out / "config.json", t0))
+            elif moment == "write":  # between the open() of this process's temporary checkpoint and its rename
+                hit = wait_for(proc, tmp.exists, freeze=True)
+            else:  # 1 to 6 steps into this process's training (its losses.csv rewritten), then up to 30 ms more
+                target = step + rng.randint(1, 6)
+                hit = wait_for(proc, lambda t0=t0, n=target: newer(out / "losses.csv", t0) and n in csv_steps(out))
+                time.sleep(rng.uniform(0, 0.03))
+            proc.kill()
+            p = finish(proc, ok=-signal.SIGKILL, timeout=60)
+            assert hit, (moment, p.stderr)
+            if ckpt.exists():
+                ck = load(ckpt)  # the previous checkpoint or the new one, never a torn one
+                assert ck["step"] >= step and {"generator", "discriminator", "opt_g", "opt_d"} <= ck.keys()
+                step = ck["step"]
+                assert csv_steps(out)[:step] == list(range(1, step + 1))  # later rows are dropped on resume
+            else:  # killed before its first checkpoint: no run there yet, and a fresh start is accepted
+                assert not (out / "losses.csv").exists() and not (out / "config.json").exists()
+            if moment == "loading" and out.exists():  # too late: something was written; the next try starts afresh
+                shutil.rmtree(out)
+                step = 0
+            elif moment != "write" or tmp.exists():  # the evidence of a kill in the middle of the write
+                break
+        else:
+            pytest.fail(f"no kill came at the moment {moment!r}")
     assert step > 0
     p = run(script, "--out", out, "--resume", "--max-steps", FAULT_STEPS)
     assert f"resume: step {step} " in p.stdout
     assert not list(out.rglob("*.tmp*"))
-    ck = check_run(out, size, nc, steps=FAULT_STEPS)
-    ref = fault_reference(script)
-    assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
-    fault_same_training_state(ck, load(ref / "checkpoint.pt"))
-    assert digest(out / "samples") == digest(ref / "samples")
+    assert_same_run(out, fault_reference(script), size, nc, FAULT_STEPS)
 
 
 @slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
-def test_fault_sigint_before_training_exits_130_and_leaves_a_usable_run_or_none(script, tmp_path):
-    """Ctrl-C before the training loop: while the step-0 checkpoint is written (made large with --nz 4000, so that
-    the write takes a while), just as a first run's step-0 checkpoint appears, and while a resume loads its data.
-    Exit 130, no traceback, no half-written checkpoint.pt.tmp<pid> left; the run resumes, and the interrupted resume
-    changed nothing in it. (Ctrl-C while a first run loads its data:
-    test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir.)"""
+def test_sigint_before_training_exits_130_and_leaves_a_usable_run_or_none(script, tmp_path):
+    """Ctrl-C before the training loop: while a first run loads its data, in the middle of its step-0 checkpoint write
+    (made large with --nz 4000), just as its step-0 checkpoint appears, and while a resume loads its data. Exit 130,
+    "interrupted", no traceback; the first leaves no run directory behind (a fresh start is not refused), none leaves
+    a half-written checkpoint.pt.tmp<pid>; the interrupted resume changed nothing in the run, which then goes on."""
     size, nc, _ = SCRIPTS[script]
     out, ckpt, log = tmp_path / "run", tmp_path / "run" / "checkpoint.pt", tmp_path / "stdout.txt"
+    slow_data = ["--max-images", 40000 * 28**2 // size**2]  # about 2 s of loading: as many pixels as 40000 digits
 
-    def interrupt(args, condition, delay=0.0, poll=0.001):
+    def interrupt(args, condition, freeze=False):
         with open(log, "w") as stdout:
             proc = start(script, *args, stdout=stdout)
-            assert fault_wait(proc, condition(proc), poll=poll)
-            time.sleep(delay)
-            return stop(proc, signal.SIGINT, 130)[1]
+        assert wait_for(proc, lambda: condition(proc), freeze)
+        return stop(proc, signal.SIGINT, 130).stderr
 
-    def loading(proc):  # setup() has printed the amp line: the data is being loaded, nothing has been written
-        return lambda: "amp: " in log.read_text()
+    def loading(proc):  # setup() has printed its last line: the data is being loaded
+        return "amp: " in log.read_text()
 
-    # 1. during the step-0 checkpoint write: no temp file left (and no checkpoint, unless the signal came late)
-    interrupt(tiny(script, out, "--nz", 4000), lambda proc: (out / f"checkpoint.pt.tmp{proc.pid}").exists, poll=0.0002)
+    # 1. a first run while it loads its data: no run directory, not even an empty one
+    assert "interrupted" in interrupt(tiny(script, out, *slow_data), loading)
+    assert "data: " not in log.read_text() and not out.exists(), sorted(map(str, out.rglob("*")))
+    # 2. in the middle of the step-0 checkpoint write: no temp file left (and no checkpoint, unless the write was done)
+    interrupt(tiny(script, out, "--nz", 4000), lambda proc: (out / f"checkpoint.pt.tmp{proc.pid}").exists(), True)
     assert not list(out.rglob("*.tmp*"))
     ckpt.unlink(missing_ok=True)  # a fresh start again
-    # 2. a first run interrupted as its step-0 checkpoint appears leaves a run that loads
-    interrupt(tiny(script, out), lambda proc: ckpt.exists)
+    # 3. a first run interrupted as its step-0 checkpoint appears leaves a run that loads
+    interrupt(tiny(script, out), lambda proc: ckpt.exists())
     assert load(ckpt)["step"] >= 0
-    # 3. a resume interrupted while it loads its data changes nothing in the run (but removes stale temp files)
-    before = {k: v for k, v in digest(out).items() if ".tmp" not in k.name}
-    assert "interrupted" in interrupt(["--out", out, "--resume", *fault_slow_data(script)], loading, 0.1)
-    assert digest(out) == before
-    # 4. and the run goes on
+    # 4. a resume interrupted while it loads its data changes nothing in the run
+    before = digest(out)
+    assert "interrupted" in interrupt(["--out", out, "--resume", *slow_data], loading)
+    assert "data: " not in log.read_text() and digest(out) == before
+    # 5. and the run goes on
     step = load(ckpt)["step"]
     run(script, "--out", out, "--resume", "--max-steps", step + 3)
     check_run(out, size, nc, steps=step + 3)
 
 
-# dcgan_celeba.py stops here with mnist's main() and train(); its cache build interrupted: interrupted_chunk below
 @slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
-def test_fault_sigint_while_a_first_run_loads_its_data_leaves_no_run_dir(script, tmp_path):
-    """Ctrl-C while a first run loads its data: exit 130, "interrupted", no traceback, no file written, and, as when
-    the data set is missing, no empty run directory left behind."""
-    out, log = tmp_path / "run", tmp_path / "stdout.txt"
-    with open(log, "w") as stdout:
-        proc = start(script, *tiny(script, out, *fault_slow_data(script)), stdout=stdout)
-        assert fault_wait(proc, lambda: "amp: " in log.read_text())
-        time.sleep(0.1)
-        _, stderr = stop(proc, signal.SIGINT, 130)
-    assert "interrupted" in stderr
-    assert not [p for p in out.rglob("*") if p.is_file()]  # nothing written: a fresh start is not refused
-    assert not out.exists(), sorted(map(str, out.rglob("*")))
-
-
-@pytest.mark.parametrize("script", TRAIN_LOOPS)
-def test_fault_resume_removes_stale_temp_files(script, tmp_path, fault_reference):
+def test_resume_removes_stale_temp_files(script, tmp_path, fault_reference):
     """A write killed half-way leaves <name>.tmp<pid>: --resume removes every one, and nothing else."""
     size, nc, _ = SCRIPTS[script]
     out = copy_run(fault_reference(script), tmp_path)
@@ -733,41 +863,31 @@ def test_fault_resume_removes_stale_temp_files(script, tmp_path, fault_reference
 
 @slow
 def test_compile_trains_and_checkpoints_the_plain_modules(tmp_path):
-    import dcgan_mnist
-
     run("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / "run", "--max-steps", 3, "--compile"))
     ck = check_run(tmp_path / "run", 28, 1, steps=3)  # no "_orig_mod." keys: saved from the uncompiled modules
     assert ck["args"]["compile"] is True and not any("_orig_mod" in k for k in ck["discriminator"])
-    dcgan_mnist.load_generator(tmp_path / "run" / "checkpoint.pt")  # --generate's plain Generator reads it (strict)
+    m.load_generator(tmp_path / "run" / "checkpoint.pt")  # --generate's plain Generator reads it (strict)
+
+
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # no download can succeed
 
 
 def test_mnist_offline_download_fails_cleanly(tmp_path, monkeypatch):
-    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    p = run("dcgan_mnist.py", "--data", tmp_path / "data", "--out", tmp_path / "run", ok=2, env=env)
-    assert_one_line_error(p, "MNIST/raw", "train-images-idx3-ubyte.gz", "ossci-datasets")
+    p = run("dcgan_mnist.py", "--data", tmp_path / "data", "--out", tmp_path / "run", ok=2, env=OFFLINE)
+    refused(p, "MNIST/raw", "train-images-idx3-ubyte.gz", "ossci-datasets")
     assert re.search(r"\(tried https?://\S+/, got: <urlopen error [^<>]+>\)\. Download", p.stderr), p.stderr  # whole
-    for name, value in env.items():  # the second one in this process: refused before any model
+    for name, value in OFFLINE.items():  # the second one in this process: refused before any model
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
-    p = call("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", ok=2)
-    assert_one_line_error(p, "FashionMNIST/raw")
+    refused(call("dcgan_mnist.py", "--dataset", "fashion-mnist", "--data", tmp_path / "data", ok=2), "FashionMNIST/raw")
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs" / "fashion-mnist28").exists()
-
-
-def test_mnist_synthetic_is_deterministic_digits():
-    import dcgan_mnist
-
-    a, b = dcgan_mnist.synthetic_digits(500), dcgan_mnist.synthetic_digits(500)
-    assert a.dtype == torch.uint8 and a.shape == (500, 1, 28, 28) and torch.equal(a, b)
-    ink = (a > 127).float().mean((1, 2, 3))
-    assert 0.05 < ink.mean() < 0.4 and ink.min() > 0.01  # every image has a glyph on a dark background
 
 
 def generated(script, run_dir, n):
     """--generate n from the run in run_dir -> (n, channels, size, size) floats in [0, 1], as written. Nothing trains:
-    in this process (the same main(), as test_generate_interpolate_summary_benchmark runs it for real)."""
+    in this process."""
     call(script, "--out", run_dir, "--generate", n)
-    files = sorted(Path(run_dir, "generated").glob("0*.png"))
+    files = sorted(Path(run_dir, "generated").iterdir())
     images = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in files])
     return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
 
@@ -780,61 +900,34 @@ def learning_runs(script, tmp_path, flags, steps, n):
     return generated(script, tmp_path / "untrained", n), generated(script, tmp_path / "trained", n)
 
 
-def correlations(images, templates):
-    """Normalised correlation (Pearson's r) of every image with every template, flattened: (images, templates)."""
+def correlations(images, references):
+    """Normalised correlation (Pearson's r) of every image with every reference, flattened: (images, references)."""
 
     def unit(x):
         x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(1, keepdims=True)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
-    return unit(images) @ unit(templates).T
-
-
-def digit_templates():
-    """The glyphs of dcgan_mnist.synthetic_digits (Pillow's default font, 40 px on 56 x 56, strokes 0 to 2) under a
-    grid of the jitter it draws from (rotation, scale, shift), 28 x 28 -> (templates, 784) floats, and their digits."""
-    from PIL import ImageDraw, ImageFont
-
-    font, glyphs = ImageFont.load_default(size=40), []
-    for digit, stroke in itertools.product(range(10), (0, 1, 2)):
-        im = Image.new("L", (56, 56))
-        ImageDraw.Draw(im).text((28, 28), str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke,
-                                stroke_fill=255)  # fmt: skip
-        glyphs.append(np.asarray(im))
-    glyphs = torch.from_numpy(np.stack(glyphs)).float().div(255).unsqueeze(1)
-    templates = []
-    for angle, scale, dx, dy in itertools.product((-0.25, -0.1, 0.1, 0.25), (0.9, 1.1), *[(-0.1, 0, 0.1)] * 2):
-        cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
-        theta = torch.tensor([[cos, -sin, dx], [sin, cos, dy]]).expand(len(glyphs), 2, 3)
-        grid = torch.nn.functional.affine_grid(theta, [len(glyphs), 1, 28, 28], align_corners=False)
-        templates.append(torch.nn.functional.grid_sample(glyphs, grid, align_corners=False).flatten(1))
-    return torch.stack(templates, 1).flatten(0, 1).numpy(), np.arange(10).repeat(len(templates) * 3)
+    return unit(images) @ unit(references).T
 
 
 @slow
 def test_mnist_learns_the_synthetic_digits(tmp_path):
-    """Each of 500 generated digits is matched against the data set's own glyphs (every digit and stroke under a grid
-    of its jitter) by normalised correlation: its best r says how much it looks like a digit, the template that gives
-    it which one. The data set's own digits score a median of 0.90 (1% of them below 0.76); an untrained G's blurs
-    0.08 to 0.11, none above 0.6. After 200 steps at the default sizes (30 s on one core), seeds 0, 1 and 2 gave
-    medians of 0.72, 0.73 and 0.74, with all ten digits among the samples above 0.6 (the rarest 3.2% to 5% of them):
-    G must reach 0.6 with at least 9 digits that each make 1% of its samples, the untrained G stay below 0.3 with no
-    sample above 0.6."""
-    templates, digit = digit_templates()
-    flags = ["--dataset", "synthetic", "--amp", "off", "--seed", 0]  # default sizes, batch and learning rates
+    """500 generated digits against 3000 fresh draws of the data set (synthetic_digits with another seed than the
+    training set's), by normalised correlation r: a sample looks like a digit when its best r is 0.6 or more, a draw
+    of the data is covered when some sample matches it that well. After 200 steps at the default sizes (30 s on one
+    core), seeds 0, 1 and 2 gave 97%, 99% and 99.6% of the samples like a digit, 91% of the draws covered; an
+    untrained G (best r 0.08 to 0.11) none and none. G must reach half of both, the untrained G stay under 2%."""
+    references = m.synthetic_digits(3000, seed=1).float().div(255).numpy()
+    flags = [*TINY.split(), "--seed", 0]  # default sizes, batch and learning rates
     for images, trained in zip(learning_runs("dcgan_mnist.py", tmp_path, flags, 200, 500), (False, True)):
-        r = correlations(images, templates)
-        best, which = r.max(1), digit[r.argmax(1)]
-        counts = np.bincount(which[best >= 0.6], minlength=10)
-        print(f"trained {trained}: median best r {np.median(best):.3f}, digits above 0.6: {counts.tolist()}")
-        if trained:
-            assert np.median(best) >= 0.6 and (counts >= 0.01 * len(images)).sum() >= 9, (np.median(best), counts)
-        else:
-            assert np.median(best) < 0.3 and counts.sum() == 0, (np.median(best), counts)
+        r = correlations(images, references)
+        digits, covered = (r.max(1) >= 0.6).mean(), (r.max(0) >= 0.6).mean()
+        print(f"trained {trained}: {digits:.0%} of the samples look like digits, {covered:.0%} of the data covered")
+        assert (digits >= 0.5 and covered >= 0.5) if trained else (digits < 0.02 and covered < 0.02), (digits, covered)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The image data section of dcgan_celeba.py (dcgan_hires.py holds the same code): unit tests on generated files
+# Image data in dcgan_celeba.py, and in its copy in dcgan_hires.py: folders, zips, the uint8 cache, batches
 
 
 def make_image_zoo(folder):
@@ -867,68 +960,76 @@ def make_image_zoo(folder):
     for name, (img, kw) in images.items():
         os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
         img.save(os.path.join(folder, name), **kw)
-    with open(os.path.join(folder, "a/face_178x218.jpg"), "rb") as f:
-        jpeg = f.read()
+    jpeg = Path(folder, "a/face_178x218.jpg").read_bytes()
     os.makedirs(os.path.join(folder, "broken"), exist_ok=True)
     broken = {"broken/truncated.jpg": jpeg[: len(jpeg) // 2], "broken/empty.jpg": b"", "broken/text.jpg": b"hello\n"}
     ignored = {".hidden.jpg": jpeg, "a/._face_178x218.jpg": b"AppleDouble", "notes.txt": b"not an image"}
     for name, data in {**broken, **ignored}.items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(data)
+        Path(folder, name).write_bytes(data)
     return sorted(images), sorted(broken)
 
 
-def make_zip(folder, zip_path):
-    """Zip `folder` (members relative to it), plus the macOS junk a zip made on a Mac holds."""
+def make_zip(folder, zip_path, change=None):
+    """Zip `folder` (members relative to it), plus the macOS junk a zip made on a Mac holds; change: {member: bytes}."""
     with zipfile.ZipFile(zip_path, "w") as zf:
         for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+            name = os.path.relpath(path, folder)
             if os.path.isfile(path):
-                zf.write(path, os.path.relpath(path, folder))
+                zf.writestr(name, (change or {}).get(name) or Path(path).read_bytes())
         zf.writestr("__MACOSX/a/._face_178x218.jpg", b"resource fork")
     return zip_path
 
 
 def make_args(data, **kw):
-    kw = {"data": str(data), "size": 32, "crop": None, "max_images": None, "cache_dir": None, "workers": 1, **kw}
-    return SimpleNamespace(
-        **{"dataset": "celeba", "download": False, "seed": 0, "batch_size": 4, "data_memory": None, **kw}
-    )
+    return SimpleNamespace(**{"data": str(data), "size": 32, "crop": None, "max_images": None, "cache_dir": None,
+                              "workers": 1, "dataset": "celeba", "download": False, "seed": 0, "batch_size": 4,
+                              "data_memory": None, **kw})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zoo") / "zoo"
-    good, bad = make_image_zoo(str(folder))
-    return folder, good, bad
+    return folder, *make_image_zoo(str(folder))
 
 
 def fresh_zoo(zoo, tmp_path):
-    folder = tmp_path / "faces"
-    shutil.copytree(zoo[0], folder)
-    return folder
+    return Path(shutil.copytree(zoo[0], tmp_path / "faces"))
 
 
 def caches(folder):
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.npy*")))
 
 
-def test_folder_nested_folder_zip_and_celeba_roots_agree(zoo, tmp_path, capsys):
-    folder, good, _ = zoo
-    reference = np.array(d.load_dataset(make_args(folder, cache_dir=str(tmp_path / "c0"))))
-    assert reference.shape == (len(good), 3, 32, 32) and reference.dtype == np.uint8
+BOTH = pytest.mark.parametrize("module", [d, h], ids=["dcgan_celeba", "dcgan_hires"])
+
+
+def test_folders_zips_and_celeba_roots_give_the_same_images_in_both_scripts(zoo, tmp_path, capsys):
+    """The image zoo as nested folders, zipped, and in both torchvision CelebA layouts (unpacked, and the zip before
+    unpacking): the same uint8 images, in dcgan_celeba.py and in dcgan_hires.py, every readable kind and extension
+    among them; the unreadable files skipped, counted and named in one warning line."""
+    folder, good, bad = zoo
     zipped = make_zip(folder, tmp_path / "zoo.zip")
     root = tmp_path / "root"  # torchvision's CelebA layout, unpacked...
     shutil.copytree(folder, root / "celeba" / "img_align_celeba")
     zip_root = tmp_path / "zip_root"  # ...and as downloaded, before unpacking
-    os.makedirs(zip_root / "celeba")
+    (zip_root / "celeba").mkdir(parents=True)
     shutil.copy(zipped, zip_root / "celeba" / "img_align_celeba.zip")
-    for i, source in enumerate([zipped, root, zip_root]):
-        data = d.load_dataset(make_args(source, cache_dir=str(tmp_path / f"c{i + 1}"), workers=2))
-        np.testing.assert_array_equal(data, reference)
-    assert "data: 11 images from" in capsys.readouterr().out
+    reference = np.array(d.load_dataset(make_args(folder, cache_dir=str(tmp_path / "c"))))
+    assert reference.shape == (len(good), 3, 32, 32) and reference.dtype == np.uint8
+    capsys.readouterr()
+    for module in (d, h):
+        for i, source in enumerate([folder, zipped, root, zip_root]):
+            data = module.load_dataset(make_args(source, cache_dir=str(tmp_path / f"{module.SCRIPT}{i}"), workers=2))
+            np.testing.assert_array_equal(data, reference)
+            out, err = capsys.readouterr()
+            assert f"data: {len(good)} images from" in out and len(err.splitlines()) == 1, err
+            assert err.startswith(f"warning: skipped {len(bad)} unreadable") and all(name in err for name in bad), err
 
 
-def test_every_mode_becomes_rgb_at_the_right_size(zoo):
+def test_decode_image_modes_draft_and_crop(zoo, tmp_path):
+    """Every mode becomes RGB at the size asked for (transparency on white, 16-bit gray scaled, CMYK converted); a JPEG
+    decoded at a fraction of its size (draft) is the full decode, resized; --crop N: the centred N x N of the original
+    first, from the PNG and from the JPEG."""
     folder, good, _ = zoo
     for name in good:
         x = d.decode_image(os.path.join(folder, name), 24)
@@ -937,158 +1038,126 @@ def test_every_mode_becomes_rgb_at_the_right_size(zoo):
     assert abs(int(d.decode_image(os.path.join(folder, "gray/i16.png"), 24).mean()) - 127) <= 1  # scaled, not clipped
     cyan = d.decode_image(os.path.join(folder, "c/cmyk.jpg"), 24).reshape(3, -1).mean(1)
     assert cyan[0] < 20 and cyan[1] > 235 and cyan[2] > 235
-
-
-def test_jpeg_draft_matches_full_decode(zoo):
-    path = os.path.join(zoo[0], "a/face_178x218.jpg")  # draft decodes at 1/2 scale for 32 px
+    path = os.path.join(folder, "a/face_178x218.jpg")  # draft decodes at 1/2 scale for 32 px
     img = Image.open(path).convert("RGB")
     y0 = (218 - 178) / 2
     full = np.asarray(img.resize((32, 32), Image.Resampling.BICUBIC, (0, y0, 178, y0 + 178))).transpose(2, 0, 1)
     assert np.abs(d.decode_image(path, 32).astype(int) - full).mean() < 6  # noise image: the hardest case
+    target = np.zeros((240, 200, 3), np.uint8)
+    target[..., 2] = 255
+    target[70:170, 50:150] = (255, 0, 0)  # a centred 100 x 100 red square on blue
+    (tmp_path / "target").mkdir()
+    for ext in ("png", "jpg"):  # the JPEG is drafted at 1/2 scale: the crop must follow it
+        Image.fromarray(target).save(tmp_path / "target" / f"target.{ext}", quality=95)
+    x = np.array(d.load_dataset(make_args(tmp_path / "target", crop=100)), int)  # both images: (2, 3, 32, 32)
+    assert (x[:, 0] > 200).all() and (x[:, 2] < 60).all()
+    x = np.array(d.load_dataset(make_args(tmp_path / "target", crop=140)), int)
+    assert (x[:, 0, 16, 16] > 200).all() and (x[:, 2, 1, 1] > 200).all()
 
 
-@pytest.mark.parametrize("orientation", [1, 6, 8])
-def test_exif_orientation_turns_phone_photos_upright(tmp_path, orientation):
-    """Phones store a portrait photo sideways with an EXIF Orientation tag: 6, turn it 90 degrees clockwise to see it
-    upright; 8, counter-clockwise. Stored here: 400 x 240, red left half, blue right half (as a JPEG, decoded at 1/4
-    scale for 32 px). Upright, the red half is on top (6), at the bottom (8), or stays left (1, no turn)."""
+@BOTH
+def test_exif_orientation_turns_photos_upright(module, tmp_path):
+    """Cameras store a photo as the sensor saw it, with an EXIF Orientation tag (1 to 8: turns and mirror images) that
+    says how to show it upright. Stored: 400 x 240, red top left, green top right, blue bottom half, so that no two
+    of the 8 upright views look alike. Each is decoded as Pillow's exif_transpose shows it, from a JPEG (decoded at
+    1/4 scale for 32 px) and from a PNG."""
     stored = np.zeros((240, 400, 3), np.uint8)
-    stored[:, :200] = (255, 0, 0)
-    stored[:, 200:] = (0, 0, 255)
+    stored[:120, :200], stored[:120, 200:], stored[120:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
     img = Image.fromarray(stored)
-    exif = img.getexif()
-    exif[0x0112] = orientation  # the Orientation tag
-    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
-    for ext in ("jpg", "png"):
-        img.save(tmp_path / f"photo.{ext}", exif=exif.tobytes(), quality=95)
-        x = d.decode_image(tmp_path / f"photo.{ext}", 32).astype(int)  # (3, 32, 32): channel, row, column
-        halves = {"top": x[:, :12], "bottom": x[:, -12:], "left": x[:, :, :12], "right": x[:, :, -12:]}
-        colour = {name: half.mean((1, 2)) for name, half in halves.items()}
-        first, second = {1: ("left", "right"), 6: ("top", "bottom"), 8: ("bottom", "top")}[orientation]
-        assert np.abs(colour[first] - red).max() < 30 and np.abs(colour[second] - blue).max() < 30, (ext, colour)
+    for orientation in range(1, 9):
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        for ext in ("jpg", "png"):
+            path = tmp_path / f"photo{orientation}.{ext}"
+            img.save(path, exif=exif.tobytes(), quality=95)
+            upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            side = min(upright.size)
+            x0, y0 = (upright.width - side) // 2, (upright.height - side) // 2
+            square = upright.crop((x0, y0, x0 + side, y0 + side))
+            want = np.asarray(square.resize((32, 32)), int).transpose(2, 0, 1)
+            got = module.decode_image(path, 32).astype(int)
+            assert np.abs(got - want).mean() < 20, (orientation, ext, np.abs(got - want).mean())
 
 
-def test_unreadable_files_skipped_counted_and_named(zoo, tmp_path, capsys):
-    d.load_dataset(make_args(zoo[0], cache_dir=str(tmp_path)))
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 1 and "skipped 3 unreadable" in warnings[0]
-    assert all(name in warnings[0] for name in zoo[2])
-
-
-def test_no_readable_image_is_an_error(zoo, tmp_path, capsys):
-    folder = tmp_path / "broken"
-    shutil.copytree(zoo[0] / "broken", folder)
-    with pytest.raises(SystemExit) as e:
-        d.load_dataset(make_args(folder))
-    assert e.value.code == 2 and "none of the 3 image files" in capsys.readouterr().err
-    assert caches(tmp_path) == []
-
-
-@pytest.mark.parametrize("dataset", ["celeba", "celeba-hq"])
-def test_missing_data_says_where_and_how(tmp_path, capsys, dataset):
-    import dcgan_hires as h
-
-    script = d if dataset == "celeba" else h  # celeba-hq: dcgan_hires.py's
-    for download in (False, True):
-        with pytest.raises(SystemExit) as e:
-            script.load_dataset(make_args(tmp_path / "nowhere", dataset=dataset, download=download))
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("error:") == 1 and "nowhere" in err and "--data" in err
-        assert ("jessicali9530/celeba-dataset" if dataset == "celeba" else "lamsimon/celebahq") in err
-
-
-def test_download_failure_is_one_message(tmp_path, capsys, monkeypatch):
-    def offline(*a, **kw):
-        raise RuntimeError("Google Drive quota exceeded")
-
-    monkeypatch.setattr(d.torchvision.datasets, "CelebA", offline)
-    with pytest.raises(SystemExit) as e:
-        d.load_dataset(make_args(tmp_path / "celeba", download=True))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "quota" in err and "jessicali9530/celeba-dataset" in err
-
-
-def test_download_success_is_then_read_from_the_folder(zoo, tmp_path, monkeypatch):
-    def fake_celeba(root, split, download):  # what torchvision leaves behind
-        shutil.copytree(zoo[0], os.path.join(root, "celeba", "img_align_celeba"))
-
-    monkeypatch.setattr(d.torchvision.datasets, "CelebA", fake_celeba)
-    assert len(d.load_dataset(make_args(tmp_path / "celeba", download=True))) == len(zoo[1])
-
-
-def test_cifar10(tmp_path, capsys, monkeypatch):
-    pixels = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
-    monkeypatch.setattr(d.torchvision.datasets, "CIFAR10", lambda *a, **kw: SimpleNamespace(data=pixels))
-    data = d.load_dataset(make_args(tmp_path, dataset="cifar10", max_images=7))
-    assert data.shape == (7, 3, 32, 32) and torch.equal(data.permute(0, 2, 3, 1), torch.from_numpy(pixels[:7]))
-
-    def offline(*a, **kw):
-        raise OSError("Name or service not known")
-
-    monkeypatch.setattr(d.torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(SystemExit) as e:
-        d.load_dataset(make_args(tmp_path, dataset="cifar10"))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and os.path.join(str(tmp_path), "cifar-10-batches-py") in err and "cs.toronto" in err
-
-
-def test_a_zip_that_is_not_a_zip(tmp_path, capsys):
-    (tmp_path / "faces.zip").write_text("not a zip")
-    with pytest.raises(SystemExit) as e:
-        d.load_dataset(make_args(tmp_path / "faces.zip"))
-    assert e.value.code == 2 and "not a readable zip" in capsys.readouterr().err
-
-
-def test_cache_reused_without_decoding(zoo, tmp_path, capsys, monkeypatch):
+def test_cache_is_reused_and_rebuilt_when_its_source_changes(zoo, tmp_path, capsys, monkeypatch):
+    """The decoded images are cached beside the data and reused without decoding; a damaged one is rebuilt. A file
+    added, touched or removed, a zip's member changed (same name and size), --crop, --max-images, or a new version of
+    the cache format: another cache, built, and the stale one of the same source removed; the same source again finds
+    its cache again."""
     folder = fresh_zoo(zoo, tmp_path)
-    first = np.array(d.load_dataset(make_args(folder)))
-    assert "built" in capsys.readouterr().out
-    monkeypatch.setattr(d, "decode_image", None)  # any decoding now would fail
-    again = d.load_dataset(make_args(folder))
-    assert isinstance(again, np.memmap) and not again.flags.writeable
-    np.testing.assert_array_equal(again, first)
-    out = capsys.readouterr().out
-    assert "reused" in out and f"cache {d.show(str(tmp_path))}" in out
+    zipped = make_zip(folder, tmp_path / "zoo.zip")
 
+    def status(source=folder, **kw):  # -> (images, built, rebuilt or reused); the caches beside the data: caches()
+        data = d.load_dataset(make_args(source, **kw))
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.startswith(f"data: {len(data)} images from") and f"cache {d.show(str(tmp_path))}" in line, line
+        return len(data), re.search(r"\(cache \S+, (\w+)", line)[1]
 
-def test_cache_rebuilt_when_the_source_changes(zoo, tmp_path):
-    folder = fresh_zoo(zoo, tmp_path)
-    n = len(d.load_dataset(make_args(folder)))
-    before = caches(tmp_path)
+    n = len(zoo[1])
+    assert status() == (n, "built") and len(caches(tmp_path)) == 2  # the cache and its sidecar
+    first = caches(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(d, "decode_image", None)  # any decoding now would fail
+        data = d.load_dataset(make_args(folder))
+        assert isinstance(data, np.memmap) and not data.flags.writeable and "reused" in capsys.readouterr().out
     shutil.copy(folder / "a/face_178x218.jpg", folder / "a/new.jpg")
-    assert len(d.load_dataset(make_args(folder))) == n + 1
-    after_add = caches(tmp_path)
-    assert len(after_add) == 2 and set(after_add).isdisjoint(before)  # the stale cache and its sidecar are gone
+    assert status() == (n + 1, "built") and len(caches(tmp_path)) == 2 and set(caches(tmp_path)).isdisjoint(first)
+    added = caches(tmp_path)
     os.utime(folder / "a/new.jpg", ns=(1, 1))
-    d.load_dataset(make_args(folder))
-    assert set(caches(tmp_path)).isdisjoint(after_add)
+    assert status() == (n + 1, "built") and len(caches(tmp_path)) == 2 and set(caches(tmp_path)).isdisjoint(added)
     os.remove(folder / "a/new.jpg")
-    assert len(d.load_dataset(make_args(folder))) == n
-    assert caches(tmp_path) == before  # same source again: same fingerprint
+    assert status() == (n, "built") and caches(tmp_path) == first  # the same source again: the same name
+    assert status() == (n, "reused")
+    with open(tmp_path / first[0], "r+b") as f:  # edited behind its back
+        f.seek(-10, 2)
+        f.write(b"\xff" * 10)
+    assert status() == (n, "rebuilt") and caches(tmp_path) == first
+    assert status(max_images=3) == (3, "built") and status(max_images=3) == (3, "reused")
+    assert status(crop=20) == (n, "built") and len(caches(tmp_path)) == 6 and first[0] in caches(tmp_path)
+    monkeypatch.setattr(d, "CACHE_VERSION", d.CACHE_VERSION + 1)
+    assert status() == (n, "built") and first[0] not in caches(tmp_path) and len(caches(tmp_path)) == 6
+    assert status(zipped) == (n, "built") and status(zipped) == (n, "reused")
+    before = caches(tmp_path)
+    make_zip(folder, zipped, change={"broken/text.jpg": b"HELLO\n"})
+    assert status(zipped) == (n, "built") and len(caches(tmp_path)) == len(before)
+    assert set(caches(tmp_path)) != set(before)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "edit", "header", "sidecar"])
-def test_damaged_cache_is_rebuilt(zoo, tmp_path, capsys, damage):
-    folder = fresh_zoo(zoo, tmp_path)
-    first = np.array(d.load_dataset(make_args(folder)))
-    (path,) = glob.glob(str(tmp_path / "*.u8.npy"))
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        if damage == "truncate":
-            f.truncate(size - 100)
-        elif damage == "edit":
-            f.seek(size - 7)
-            f.write(b"\x00\x01\x02")
-        elif damage == "header":
-            f.write(b"garbage")
-    if damage == "sidecar":
-        os.remove(path + ".json")
-    capsys.readouterr()
-    np.testing.assert_array_equal(d.load_dataset(make_args(folder)), first)
-    assert "rebuilt, the old one was damaged" in capsys.readouterr().out
+def big_chunk(names):  # module level: the decoding processes find it by its name
+    """Stands in for decoding: image i is 64 x 64 pixels of value i % 251."""
+    return np.stack([np.full((3, 64, 64), int(name) % 251, np.uint8) for name in names]), []
 
 
-def failing_chunk(names):  # module level: the workers find it by name
+def test_a_damaged_cache_is_never_reused_wherever_the_damage_is(tmp_path, monkeypatch):
+    """A cache of 21 MB, over the 16 MB its check reads at a time: one byte changed in its first or in its last part,
+    the file cut short, its header or its sidecar damaged: not reused."""
+    with monkeypatch.context() as patch:
+        patch.setattr(d, "decode_chunk", big_chunk)
+        d.build_cache(str(tmp_path), [str(i) for i in range(1700)], str(tmp_path / "big.u8.npy"), 64, None, 1)
+    path, sidecar = tmp_path / "big.u8.npy", tmp_path / "big.u8.npy.json"
+    data, status = d.open_cache(str(path))
+    assert status == "reused" and data.nbytes > 20e6 and data[-1].max() == 1699 % 251
+    good, header = path.read_bytes(), path.stat().st_size - data.nbytes
+    del data
+    damaged = {
+        "a byte of the first image": good[:header] + bytes([good[header] ^ 1]) + good[header + 1 :],
+        "a byte of the last image": good[:-1] + bytes([good[-1] ^ 1]),
+        "cut short": good[:-100],
+        "header": b"garbage" + good[7:],
+    }
+    for name, damage in damaged.items():
+        path.write_bytes(damage)
+        assert d.open_cache(str(path))[0] is None and "damaged" in d.open_cache(str(path))[1], name
+    path.write_bytes(good)
+    assert d.open_cache(str(path))[1] == "reused"
+    meta = sidecar.read_text()
+    sidecar.unlink()
+    assert d.open_cache(str(path))[0] is None
+    sidecar.write_text(meta.replace('"crc32": ', '"crc32": 1'))
+    assert d.open_cache(str(path))[0] is None
+
+
+def failing_chunk(names):  # module level: the decoding processes find it by its name
     raise RuntimeError("disk on fire")
 
 
@@ -1107,15 +1176,18 @@ def test_worker_failure_or_interrupted_build_leaves_no_cache(zoo, tmp_path, monk
     assert caches(tmp_path) == []
 
 
+@slow
 def test_full_disk_while_caching_is_one_line_and_leaves_no_cache(zoo, tmp_path):
     folder = fresh_zoo(zoo, tmp_path)
     p = run("dcgan_celeba.py", "--data", folder, "--out", tmp_path / "run", "--dry-run", "--workers", 2, ok=1,
-            preexec_fn=fault_small_disk(20_000))  # fmt: skip
-    assert_one_line_error(p, "could not write the cache", "--cache-dir")
+            preexec_fn=small_disk(20_000))  # fmt: skip
+    refused(p, "could not write the cache", "--cache-dir")
     assert caches(tmp_path) == [] and not list(tmp_path.glob("*.tmp-*")) and not (tmp_path / "run").exists()
 
 
-def test_stale_temporaries_removed_live_ones_kept(zoo, tmp_path):
+def test_stale_build_files_removed_and_an_unwritable_cache_folder_falls_back(zoo, tmp_path, monkeypatch, capsys):
+    """A build's temporary files whose process is gone are removed, a live build's kept; a --cache-dir that is not
+    writable: ~/.cache/dcgan instead."""
     folder = fresh_zoo(zoo, tmp_path)
     dead, live = (tmp_path / f"faces.32px.0badc0de.u8.npy.tmp-{pid}" for pid in (999999999, os.getpid()))
     for path in (dead, live):  # the cache and its sidecar, as a build writes them
@@ -1123,32 +1195,30 @@ def test_stale_temporaries_removed_live_ones_kept(zoo, tmp_path):
         path.with_name(path.name + ".json").write_bytes(b"{")
     d.load_dataset(make_args(folder))
     assert not dead.exists() and not os.path.exists(f"{dead}.json") and live.exists() and os.path.exists(f"{live}.json")
-
-
-def test_cache_folder_falls_back_when_not_writable(zoo, tmp_path, monkeypatch, capsys):
-    folder = fresh_zoo(zoo, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "ro")))
     d.load_dataset(make_args(folder, cache_dir=str(tmp_path / "ro")))
     assert len(caches(tmp_path / "home" / ".cache" / "dcgan")) == 2 and "not writable" in capsys.readouterr().out
 
 
-def test_max_images_and_crop(zoo, tmp_path):
-    folder = fresh_zoo(zoo, tmp_path)
-    full = d.load_dataset(make_args(folder))
-    np.testing.assert_array_equal(d.load_dataset(make_args(folder, max_images=3)), full[:3])
-    target = np.zeros((240, 200, 3), np.uint8)
-    target[..., 2] = 255
-    target[70:170, 50:150] = (255, 0, 0)  # a centred 100 x 100 red square on blue
-    for ext in ("png", "jpg"):  # the JPEG is drafted at 1/2 scale: the crop must follow it
-        Image.fromarray(target).save(tmp_path / f"target.{ext}", quality=95)
-        x = d.decode_image(tmp_path / f"target.{ext}", 32, crop=100).astype(int)
-        assert (x[0] > 200).all() and (x[2] < 60).all(), ext
-        x = d.decode_image(tmp_path / f"target.{ext}", 32, crop=140).astype(int)
-        assert x[0, 16, 16] > 200 and x[2, 1, 1] > 200, ext
+@BOTH
+def test_flip_mirrors_each_image_with_probability_one_half(module):
+    batch = torch.randint(0, 256, (4000, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = batch.float().div(127.5).sub(1)
+    assert torch.equal(module.preprocess(batch, SimpleNamespace(flip=False)), x)
+    torch.manual_seed(0)
+    out = module.preprocess(batch, SimpleNamespace(flip=True))
+    same, mirrored = (out == x).flatten(1).all(1), (out == x.flip(3)).flatten(1).all(1)
+    assert (same ^ mirrored).all()  # every image whole: as it was, or its mirror image (random ones are never both)
+    assert 0.45 < mirrored.float().mean() < 0.55  # 4000 coins: 6 standard deviations either side
 
 
-def test_synthetic_faces(monkeypatch):
+def test_synthetic_digits_and_faces(monkeypatch):
+    """The same whatever --seed (and whatever the number asked for), varied, with ink or a face in every image."""
+    a, b = m.synthetic_digits(500), m.synthetic_digits(500)
+    assert a.dtype == torch.uint8 and a.shape == (500, 1, 28, 28) and torch.equal(a, b)
+    ink = (a > 127).float().mean((1, 2, 3))
+    assert 0.05 < ink.mean() < 0.4 and ink.min() > 0.01  # every image has a glyph on a dark background
     args = make_args(None, dataset="synthetic", size=64, max_images=64)
     a, b = d.load_dataset(args), d.load_dataset(make_args(None, dataset="synthetic", size=64, max_images=64, seed=9))
     assert a.shape == (64, 3, 64, 64) and a.dtype == torch.uint8 and torch.equal(a, b)
@@ -1173,18 +1243,13 @@ def ids(batch):
     return (batch[:, 0, 0, 0].long() + 256 * batch[:, 0, 0, 1].long()).tolist()
 
 
-@pytest.fixture
-def on_disk(tmp_path):
+def test_batch_source_order_resume_and_paths(tmp_path, capsys):
+    """The same batches from the cache's memory map and from an array in memory (--data-memory 0 on a GPU; the host on
+    a CPU, always): each image at most once per epoch, the order a function of (seed, epoch) alone, a batch's images
+    in index order, an epoch resumed mid-way exact; fewer images than a batch is an error."""
     data = numbered(1003)
     np.save(tmp_path / "data.npy", data.numpy())
-    return data, np.load(tmp_path / "data.npy", mmap_mode="r")
-
-
-def test_batch_source_order_resume_and_paths(on_disk, capsys):
-    """The same batches from the cache's memory map and from an array in memory: each image at most once per epoch,
-    the order a function of (seed, epoch) alone, a batch's images in index order, an epoch resumed mid-way exact."""
-    data, mm = on_disk
-    disk = d.BatchSource(mm, make_args(None, batch_size=10, seed=3), "cpu")
+    disk = d.BatchSource(np.load(tmp_path / "data.npy", mmap_mode="r"), make_args(None, batch_size=10, seed=3), "cpu")
     assert "batches: gathered from the cache file" in capsys.readouterr().out and len(disk) == 100
     ram = d.BatchSource(data, make_args(None, batch_size=10, seed=3, data_memory=0), "cpu")
     assert "batches: gathered from host memory" in capsys.readouterr().out and len(disk.data) == len(ram.data) == 1003
@@ -1201,6 +1266,9 @@ def test_batch_source_order_resume_and_paths(on_disk, capsys):
             assert all(torch.equal(x, y) for x, y in zip(batches[37:], source.epoch(epoch, start=37), strict=True))
     assert list(disk.epoch(0, start=100)) == []
     assert all(torch.equal(x, y) for x, y in zip(disk.epoch(2), disk.epoch(2), strict=True))  # two at once
+    with pytest.raises(SystemExit):
+        d.BatchSource(numbered(3), make_args(None, batch_size=4), "cpu")
+    assert "fewer than --batch-size 4" in capsys.readouterr().err
 
 
 def test_batch_source_keeps_the_cache_it_opened(zoo, tmp_path):
@@ -1224,20 +1292,254 @@ def test_batch_source_keeps_the_cache_it_opened(zoo, tmp_path):
     assert all(torch.equal(b, numbers[ids(b)]) for epoch in (0, 1) for b in source.epoch(epoch))
 
 
-def test_batch_source_refuses_fewer_images_than_a_batch(capsys):
-    with pytest.raises(SystemExit):
-        d.BatchSource(numbered(3), make_args(None, batch_size=4), "cpu")
-    assert "fewer than --batch-size 4" in capsys.readouterr().err
+def test_downloads_that_succeed(zoo, tmp_path, monkeypatch):
+    """What torchvision's CelebA download leaves behind is then read from the folder; CIFAR-10's images as they are."""
+    unpacked = lambda root, split, download: shutil.copytree(zoo[0], Path(root, "celeba", "img_align_celeba"))
+    monkeypatch.setattr(d.torchvision.datasets, "CelebA", unpacked)
+    assert len(d.load_dataset(make_args(tmp_path / "celeba", download=True))) == len(zoo[1])
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(d.torchvision.datasets, "CIFAR10", lambda *a, **kw: SimpleNamespace(data=pixels))
+    data = d.load_dataset(make_args(tmp_path, dataset="cifar10", max_images=7))
+    assert data.shape == (7, 3, 32, 32) and torch.equal(data.permute(0, 2, 3, 1), torch.from_numpy(pixels[:7]))
+
+
+CELEBA = ["--size", "32", "--batch-size", "4", "--ngf", "8", "--ndf", "8", "--device", "cpu", "--amp", "off"]
+
+
+def test_celeba_trains_on_a_zip_of_odd_images_read_in_place(zoo, tmp_path):
+    """A zip of the image zoo as --data, the cache in --cache-dir, batches gathered from the cache file
+    (--data-memory 0): every readable file is an image, the unreadable ones named in one warning; the next run
+    reuses the cache."""
+    _, good, bad = zoo
+    data, cache = make_zip(zoo[0], tmp_path / "img_align_celeba.zip"), tmp_path / "cache"
+    flags = ["--data", data, "--cache-dir", cache, *CELEBA, "--workers", 2, "--data-memory", 0, "--dry-run"]
+    p = run("dcgan_celeba.py", *flags, "--out", tmp_path / "run")
+    assert f"data: {len(good)} images" in p.stdout and "built" in p.stdout
+    assert "batches: gathered from the cache file" in p.stdout and config(tmp_path / "run")["data_memory"] == 0
+    assert p.stderr.startswith(f"warning: skipped {len(bad)} unreadable") and len(p.stderr.splitlines()) == 1
+    assert "broken/truncated.jpg" in p.stderr
+    check_run(tmp_path / "run", 32, 3, steps=1)
+    assert len(list(cache.glob("*.u8.npy"))) == 1 and not list(tmp_path.glob("*.npy"))  # in --cache-dir only
+    assert "reused" in call("dcgan_celeba.py", *flags, "--out", tmp_path / "again").stdout
+
+
+def test_data_errors_are_one_line(zoo, tmp_path, monkeypatch):
+    """Refused while loading the data, before any model, with what was looked for, where, and how to get it: nothing
+    there, no readable image, a damaged zip, several zips, a download that fails, CIFAR-10 offline, CelebA-HQ (which no
+    download can fetch). No run directory, no cache. The first case as a user runs it, the others in this process."""
+    (tmp_path / "broken").mkdir()
+    for name in zoo[2]:
+        shutil.copy(zoo[0] / name, tmp_path / "broken")
+    (tmp_path / "fake.zip").write_text("not a zip")
+    (tmp_path / "zips").mkdir()
+    for name in ("a.zip", "b.zip"):
+        make_zip(zoo[0] / "gray", tmp_path / "zips" / name)
+    celeba = "dcgan_celeba.py"
+    cases = [
+        (celeba, ["--data", tmp_path / "nothing"], ["no images", "nothing", "img_align_celeba.zip", "--download"]),
+        (celeba, ["--data", tmp_path / "broken"], ["none of the 3 image files"]),
+        (celeba, ["--data", tmp_path / "fake.zip"], ["not a readable zip"]),
+        (celeba, ["--data", tmp_path / "zips"], ["several zips", "a.zip", "b.zip"]),
+        (celeba, ["--data", tmp_path / "dl", "--download"], ["could not download CelebA", "Kaggle"]),
+        (celeba, ["--dataset", "cifar10", "--size", 32, "--data", tmp_path / "c"], ["cifar-10-batches-py", "tar.gz"]),
+        ("dcgan_hires.py", ["--dataset", "celeba-hq", "--data", tmp_path / "hq", "--download"],
+         ["no images", "CelebA-HQ", "--download cannot fetch them"]),
+    ]  # fmt: skip
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    for i, (script, flags, words) in enumerate(cases):
+        p = (run if i == 0 else call)(script, *flags, *CELEBA[2:], "--out", tmp_path / "run", ok=2)
+        refused(p, *words)
+        assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("*.npy*"))
+    p = call("dcgan_celeba.py", "--dataset", "cifar10", "--size", "64", ok=2)
+    assert p.stderr.splitlines()[-1].endswith("--dataset cifar10 is 32x32: add --size 32")
+
+
+@slow
+def test_celeba_learns_the_synthetic_faces(tmp_path):
+    """256 generated faces against the 4096 training faces, by normalised correlation r over all pixels and colours (a
+    flat gray is not close to a pale face): a sample looks like a face of the data when its best r is 0.4 or more. Its
+    layout: how far the colour of its centre (the face) is from that of its top corners (the background), summed over
+    R, G, B; the number of distinct nearest faces: diversity (256 copies of the mean face: r 0.85, layout 0.36, 1
+    face). After 400 steps at 32 x 32, G and D half the default width (35 s on one core), seeds 0, 1 and 2 gave 98%,
+    93% and 100% of the samples like a face, median layouts 0.25, 0.28, 0.38, and 160, 126, 114 distinct nearest
+    faces; an untrained G none, 0.002. G must reach 50%, 0.1 and 32 faces, the untrained G stay under 2% and 0.02."""
+    flags = [*TINY.split(), "--size", 32, "--ngf", 32, "--ndf", 32, "--batch-size", 32, "--seed", 0]
+    faces = d.synthetic_faces(4096, 32).float().div(255).numpy()  # the training set: --max-images is 4096 at 32
+    for images, trained in zip(learning_runs("dcgan_celeba.py", tmp_path, flags, 400, 256), (False, True)):
+        r = correlations(images, faces)
+        like, nearest = (r.max(1) >= 0.4).mean(), len(set(r.argmax(1).tolist()))
+        corners = np.concatenate([images[:, :, :4, :4], images[:, :, :4, -4:]], 3).mean((2, 3))
+        layout = np.median(np.abs(images[:, :, 12:20, 12:20].mean((2, 3)) - corners).sum(1))
+        print(f"trained {trained}: {like:.0%} like a face, layout {layout:.3f}, {nearest} distinct nearest faces")
+        if trained:
+            assert like >= 0.5 and layout >= 0.1 and nearest >= 32, (like, layout, nearest)
+        else:
+            assert like < 0.02 and layout < 0.02, (like, layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# make_gif.py and plot_losses.py, on hand-made run directories and on a real one
+# dcgan_hires.py: DDP under torchrun, the streaming cache, 256x256, its own defaults
+
+HIRES = "dcgan_hires.py"
+
+
+@slow
+def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_path):
+    """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process.
+    Stopped mid-epoch (--max-steps), refused without --resume, resumed under torchrun, stopped there by a SIGTERM to
+    torchrun, which passes it on to both ranks (they agree on a step, rank 0 saves), and resumed to the end: the run
+    is the one never stopped, bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    exact = ["--max-images", 128, "--epochs", 5, "--deterministic", "--log-every", 2]  # 8 steps an epoch, 40 in all
+    p = run(HIRES, *tiny(HIRES, a, *exact), nproc=2)
+    assert p.stdout.count("seed: 0") == 1 and "ddp: 2 processes over gloo" in p.stdout
+    assert config(a)["world_size"] == 2 and config(a)["steps_per_epoch"] == 128 // (8 * 2)  # 16 in one process
+    assert check_run(a, 128, 3, steps=40)["epoch"] == 5
+    assert [int(r[1]) for r in rows(a)] == [e for e in range(1, 6) for _ in range(8)]
+    assert sorted(f.name for f in (a / "samples").iterdir()) == [
+        *(f"epoch_{e:03d}.png" for e in range(1, 6)),
+        "real.png",
+    ]
+    run(HIRES, *tiny(HIRES, b, *exact, "--max-steps", 5), nproc=2)  # in the middle of epoch 1
+    check_run(b, 128, 3, steps=5)
+    before = digest(b)
+    proc = start(HIRES, *tiny(HIRES, b, *exact), nproc=2)  # no --resume: every rank refuses (torchrun adds a traceback)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "add --resume to continue it" in err and digest(b) == before
+    proc = start(HIRES, "--out", b, "--resume", nproc=2)  # the other arguments come from the checkpoint
+    assert wait_for(proc, lambda: len(csv_steps(b)) >= 8)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "resume: step 5 (epoch 0)" in out and "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
+    step = int(re.search(r"stopped after step (\d+)", out).group(1))
+    assert check_run(b, 128, 3)["step"] == step and 8 <= step < 40
+    stale = [b / "checkpoint.pt.tmp999999", b / "samples" / "epoch_002.png.tmp999998"]  # left by a killed run
+    for f in stale:
+        f.write_bytes(b"half-written")
+    p = run(HIRES, "--out", b, "--resume", nproc=2)  # rank 0 alone removes them: no race between the ranks
+    assert f"resume: step {step} " in p.stdout and not any(f.exists() for f in stale)
+    assert_same_run(b, a, 128, 3, 40)
+    call(HIRES, "--out", b, "--generate", 2)  # a DDP checkpoint is a plain one (nothing trains: in this process)
+    assert Image.open(b / "generated" / "000001.png").size == (128, 128)
+
+
+@slow
+def test_hires_torchrun_refusals_are_clean(tmp_path, dry_run):
+    """What a rank of `torchrun --nproc_per_node 2` refuses before it joins the others, each rank alike: --generate
+    (one process), --sync-bn on CPUs. Tried on one rank, in the environment torchrun gives it."""
+    rank = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    ckpt = dry_run(HIRES) / "checkpoint.pt"
+    p = run(HIRES, "--checkpoint", ckpt, "--out", tmp_path / "run", "--generate", 1, ok=2, env=rank)
+    refused(p, "runs in one process")
+    p = run(HIRES, *tiny(HIRES, tmp_path / "sync", "--dry-run", "--sync-bn"), ok=2, env=rank)
+    refused(p, "--sync-bn needs CUDA GPUs")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sync").exists()
+
+
+def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path, capsys):
+    """Every rank draws the same permutation; at each step the ranks' batches together are the one-process batch of
+    world x batch_size images, from the cache's memory map or from memory; a resume mid-epoch is exact per rank."""
+    data = numbered(203, size=2)
+    np.save(tmp_path / "data.npy", data.numpy())
+    mm = np.load(tmp_path / "data.npy", mmap_mode="r")
+    whole = h.BatchSource(mm, make_args(None, batch_size=20, seed=5), "cpu")
+    per_rank = make_args(None, batch_size=5, seed=5)
+    ranks = [h.BatchSource(source, per_rank, "cpu", rank, 4) for rank in range(4) for source in (mm, data)]
+    assert len(whole) == 10 and all(len(r) == 10 for r in ranks)
+    for epoch in (0, 3):
+        for step, (batch, *parts) in enumerate(zip(whole.epoch(epoch), *(r.epoch(epoch) for r in ranks))):
+            assert torch.equal(torch.cat(parts[::2]), torch.cat(parts[1::2])), step  # memory map and memory agree
+            assert sorted(ids(torch.cat(parts[::2]))) == ids(batch), step
+        for r in ranks:
+            resumed = zip(list(r.epoch(epoch))[7:], r.epoch(epoch, start=7), strict=True)
+            assert all(torch.equal(x, y) for x, y in resumed)
+    with pytest.raises(SystemExit):
+        h.BatchSource(mm, make_args(None, batch_size=60), "cpu", 0, 4)
+    assert "fewer than --batch-size 60 times 4 processes" in capsys.readouterr().err
+
+
+def training_memory_mb(log, *args):
+    """Run dcgan_hires.py, its output in log; -> the peak of the memory it owns while it trains, in MB: RssAnon, from
+    the moment it prints "training:" on. Not VmRSS, which also counts the pages of the memory-mapped cache file that
+    the OS keeps in its cache (reclaimable, not the process's), nor the peak over the whole run (VmHWM), which
+    importing torch sets."""
+    with open(log, "w") as stdout:
+        proc = start(HIRES, *args, stdout=stdout, stderr=subprocess.STDOUT)
+    rss = []
+    while proc.poll() is None:
+        if "training:" in log.read_text():
+            with contextlib.suppress(OSError, TypeError):  # the process ended between poll() and here
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                rss.append(int(re.search(r"RssAnon:\s+(\d+) kB", status)[1]) / 1024)
+        time.sleep(0.01)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text() and len(rss) > 10, log.read_text()
+    return max(rss)
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
+def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(tmp_path):
+    """--data-memory 0: batches are gathered from the cache file's memory map, whose pages are the OS's file cache,
+    not memory the process owns: a whole epoch over an 8x larger cache (+164 MB) takes hardly more of its own memory
+    (RssAnon) than one over the small cache (measured here: 444 and 451 MB, +6 MB; 447 and 627 MB, +180 MB, when the
+    cache is read into memory instead). The growth must stay under half of the cache's."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 128, dtype=np.float32)
+    for name, n in (("small", 500), ("large", 4000)):
+        (tmp_path / name).mkdir()
+        for i in range(n):  # smooth colour ramps: small JPEGs, quick to write and to decode
+            c = rng.random((2, 3), dtype=np.float32) * 255
+            img = c[0] + (c[1] - c[0]) * (ramp[:, None, None] * ramp[None, :, None])
+            Image.fromarray(img.astype(np.uint8)).save(tmp_path / name / f"{i:05d}.jpg", quality=90)
+    flags = ["--size", 128, "--batch-size", 25, "--ngf", 1, "--ndf", 1, "--device", "cpu", "--amp", "off", "--workers",
+             2, "--ema", 0, "--log-every", 10, "--epochs", 1, "--data-memory", 0]  # fmt: skip
+    peak = {}
+    for name, steps in (("small", 20), ("large", 160)):  # one epoch each
+        args = ["--data", tmp_path / name, *flags, "--out", tmp_path / f"{name}-run"]
+        peak[name] = training_memory_mb(tmp_path / "log", *args)
+        text = (tmp_path / "log").read_text()
+        assert f"epoch 1/1  step {steps} " in text and "batches: gathered from the cache file" in text, text
+    cache = {n: sum(f.stat().st_size for f in tmp_path.glob(f"{n}.128px.*.u8.npy")) / 2**20 for n in peak}
+    print(f"\ncaches {cache} MB; peak of the memory owned while training an epoch over them {peak} MB")
+    assert cache["large"] - cache["small"] > 160
+    assert peak["large"] - peak["small"] < 0.5 * (cache["large"] - cache["small"]), (peak, cache)
+
+
+def test_hires_256_model_and_the_defaults_that_differ_from_dcgan_celeba(tmp_path, dry_run):
+    p = call(HIRES, "--size", 256, "--summary")  # default widths: ngf = ndf = 64, capped at 8x
+    totals = [int(t.replace(",", "")) for t in re.findall(r"total parameters: ([\d,]+)", p.stdout)]
+    assert len(totals) == 2 and sum(totals) < 50e6, totals
+    assert "(512, 4, 4)" in p.stdout and "(3, 256, 256)" in p.stdout
+    run(HIRES, *TINY.split(), "--size", 256, "--max-images", 8, "--batch-size", 4, "--ngf", 4, "--ndf", 4, "--dry-run",
+        "--out", tmp_path / "run")  # fmt: skip
+    check_run(tmp_path / "run", 256, 3, steps=1)
+    call(HIRES, "--out", tmp_path / "run", "--generate", 2)  # nothing trains: in this process
+    assert Image.open(tmp_path / "run" / "generated" / "000000.png").size == (256, 256)
+    # spectral norm in D (instead of its BatchNorm), label smoothing 0.1 and an EMA of G by default; each turns off
+    size, nc, _ = SCRIPTS[HIRES]
+    on = dry_run(HIRES)  # tiny(HIRES) --dry-run: the defaults but for the sizes
+    conf = config(on)
+    assert (conf["spectral_norm"], conf["label_smoothing"], conf["ema"]) == (True, 0.1, 0.999)
+    assert conf["batch_size"] == 8 and conf["size"] == 128 and conf["world_size"] == 1
+    ck = check_run(on, size, nc, steps=1)
+    assert "ema" in ck and any("parametrizations" in k for k in ck["discriminator"])
+    assert not any("running_mean" in k for k in ck["discriminator"])
+    run(HIRES, *tiny(HIRES, tmp_path / "off", "--dry-run", "--no-spectral-norm", "--label-smoothing", 0, "--ema", 0))
+    conf = config(tmp_path / "off")
+    assert (conf["spectral_norm"], conf["label_smoothing"], conf["ema"]) == (False, 0.0, 0.0)
+    ck = check_run(tmp_path / "off", size, nc, steps=1)
+    assert "ema" not in ck and not any("parametrizations" in k for k in ck["discriminator"])
+    assert any("running_mean" in k for k in ck["discriminator"])  # BatchNorm in D, as in the paper
+    p = call(HIRES, "--out", tmp_path / "off", "--resume", "--spectral-norm", ok=2)
+    refused(p, "--spectral-norm False (checkpoint) vs True")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# make_gif.py and plot_losses.py, on hand-made run directories (in this process) and on a real one (subprocesses)
 
 GRID_SIZE = 8  # images of 8x8 px -> 82x82 px grids
 HEADER = "step,epoch,loss_d,loss_g,d_real,d_fake"
-
-
-helper_run = partial(run, ok=False, timeout=120)  # a helper script; the caller checks the exit code
 
 
 def cell_value(seed, i):
@@ -1265,93 +1567,57 @@ def make_run(root, epochs=3, mode="RGB", steps=()):
     return root
 
 
-def losses_csv(path, epochs=4, steps_per_epoch=25, extra="", tail=""):
-    rng = np.random.default_rng(0)
-    lines = [HEADER + extra]
-    for step in range(1, epochs * steps_per_epoch + 1):
-        d = rng.uniform(0.3, 0.7, 4)
-        row = f"{step},{(step - 1) // steps_per_epoch + 1},{d[0] * 2:.4f},{d[1] * 4:.4f},{d[2]:.4f},{d[3]:.4f}"
-        lines.append(row + (",0.0002,1.5" if extra else ""))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n" + tail)
-    return path
-
-
 def gif_frames(path):
     """[(size, duration ms, gray level of the first cell)] for each frame, and the loop count."""
     with Image.open(path) as im:
-        frames = []
-        for k in range(im.n_frames):
-            im.seek(k)
-            frames.append((im.size, im.info["duration"], im.convert("L").getpixel((3, 3))))
+        frames = [(f.size, f.info["duration"], f.convert("L").getpixel((3, 3))) for f in ImageSequence.Iterator(im)]
         return frames, im.info.get("loop")
 
 
-def assert_clean_error(p, *words):
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-    for word in words:
-        assert word in p.stderr
-
-
-# make_gif.py
-
-
-def test_gif_epochs_in_order_with_durations(tmp_path):
-    make_run(tmp_path / "r", epochs=3)
-    p = helper_run("make_gif.py", tmp_path / "r")
-    assert p.returncode == 0, p.stderr
-    out = tmp_path / "r" / "training.gif"
+def test_gif_frames_in_numeric_order_with_fps_hold_last_and_loop(tmp_path):
+    run_dir = make_run(tmp_path / "r", epochs=3)
+    p = call("make_gif.py", run_dir)
+    out = run_dir / "training.gif"
     assert p.stdout.strip() == f"wrote {out}: 3 frames, 82x82"
     frames, loop = gif_frames(out)
-    assert [f[0] for f in frames] == [(82, 82)] * 3
+    assert [f[0] for f in frames] == [(82, 82)] * 3 and loop == 0
     assert [f[1] for f in frames] == [500, 500, 2000]  # --fps 2, --hold-last 2 (real.png is not a frame)
     assert [f[2] for f in frames] == [cell_value(e, 0) for e in (1, 2, 3)]
-    assert loop == 0
-
-
-def test_gif_fps_loop_many_frames_numeric_order(tmp_path):
-    run_dir = make_run(tmp_path / "r", epochs=0)
-    for e in (1, 2, 10, 30, 9, 100, 3) + tuple(range(11, 30)) + (4, 5, 6, 7, 8):
+    for e in (10, 30, 9, 100, *range(11, 30), 4, 5, 6, 7, 8):
         grid(e).save(run_dir / "samples" / f"epoch_{e}.png")  # unpadded numbers: numeric, not lexical order
-    p = helper_run("make_gif.py", run_dir, "--fps", 4, "--hold-last", 0, "--loop", 3)
-    assert p.returncode == 0, p.stderr
-    frames, loop = gif_frames(run_dir / "training.gif")
-    assert len(frames) == 31 and loop == 3
-    assert {f[1] for f in frames} == {250}
-    assert [f[2] for f in frames] == [cell_value(e, 0) for e in list(range(1, 31)) + [100]]
+    call("make_gif.py", run_dir, "--fps", 4, "--hold-last", 3, "--loop", 3)
+    frames, loop = gif_frames(out)
+    assert [f[1] for f in frames] == [250] * 30 + [3000] and loop == 3
+    assert [f[2] for f in frames] == [cell_value(e, 0) for e in [*range(1, 31), 100]]
+    call("make_gif.py", run_dir, "--fps", 4, "--hold-last", 0)
+    assert {f[1] for f in gif_frames(out)[0]} == {250}  # the last frame as long as the others
+    call("make_gif.py", run_dir / "samples" / "epoch_001.png", "--out", tmp_path / "one.gif")
+    assert len(gif_frames(tmp_path / "one.gif")[0]) == 1
 
 
-def test_gif_one_frame(tmp_path):
-    make_run(tmp_path / "r", epochs=1)
-    p = helper_run("make_gif.py", tmp_path / "r", "--out", tmp_path / "one.gif")
-    assert p.returncode == 0, p.stderr
-    frames, _ = gif_frames(tmp_path / "one.gif")
-    assert len(frames) == 1 and frames[0][0] == (82, 82)
-
-
-def test_gif_gray_first_16(tmp_path):
+def test_gif_first_n_images_retiled(tmp_path):
+    """--first 16 of a gray grid: a 4 x 4 grid; --first 12: 4 x 3, as square as it goes; the cells in order."""
     make_run(tmp_path / "r", epochs=2, mode="L")
-    p = helper_run("make_gif.py", tmp_path / "r", "--first", 16)
-    assert p.returncode == 0, p.stderr
-    with Image.open(tmp_path / "r" / "training.gif") as im:
-        assert im.n_frames == 2 and im.size == (4 * (GRID_SIZE + 2) + 2,) * 2  # a 4x4 grid
-        im.seek(1)
-        gray = im.convert("L")
-    for i in range(16):  # cell i of the source lands at row i // 4, column i % 4
-        assert gray.getpixel((3 + (i % 4) * (GRID_SIZE + 2), 3 + (i // 4) * (GRID_SIZE + 2))) == cell_value(2, i)
-    assert gray.getpixel((1, 1)) == 0  # the padding keeps the border colour
+    for n, (cols, rows) in ((16, (4, 4)), (12, (4, 3))):
+        call("make_gif.py", tmp_path / "r", "--first", n)
+        with Image.open(tmp_path / "r" / "training.gif") as im:
+            assert im.n_frames == 2 and im.size == (cols * (GRID_SIZE + 2) + 2, rows * (GRID_SIZE + 2) + 2)
+            im.seek(1)
+            gray = im.convert("L")
+        for i in range(n):  # cell i of the source lands at row i // cols, column i % cols
+            x, y = 3 + (i % cols) * (GRID_SIZE + 2), 3 + (i // cols) * (GRID_SIZE + 2)
+            assert gray.getpixel((x, y)) == cell_value(2, i), (n, i)
+        assert gray.getpixel((1, 1)) == 0  # the padding keeps the border colour
 
 
-def test_gif_label_and_max_size(tmp_path):
-    make_run(tmp_path / "r", epochs=2, steps=(500, 1000))
-    plain = helper_run("make_gif.py", tmp_path / "r", "--out", tmp_path / "plain.gif")
-    labelled = helper_run("make_gif.py", tmp_path / "r", "--label", "--out", tmp_path / "label.gif")
-    small = helper_run("make_gif.py", tmp_path / "r", "--max-size", 41, "--out", tmp_path / "small.gif")
-    small_label = helper_run("make_gif.py", tmp_path / "r", "--max-size", 60, "--label", "--out", tmp_path / "sl.gif")
-    for p in (plain, labelled, small, small_label):
-        assert p.returncode == 0, p.stderr
+def test_gif_label_max_size_steps_patterns_and_files(tmp_path):
+    """--label: a band above each frame with white text; --max-size; --steps; a glob pattern (in numeric order); files
+    named one by one (in their order)."""
+    samples = make_run(tmp_path / "r", epochs=3, steps=(500, 1000, 1500, 2000)) / "samples"
+    call("make_gif.py", tmp_path / "r", "--out", tmp_path / "plain.gif")
+    call("make_gif.py", tmp_path / "r", "--label", "--out", tmp_path / "label.gif")
+    call("make_gif.py", tmp_path / "r", "--max-size", 41, "--out", tmp_path / "small.gif")
+    call("make_gif.py", tmp_path / "r", "--max-size", 60, "--label", "--out", tmp_path / "sl.gif")
     with Image.open(tmp_path / "plain.gif") as a, Image.open(tmp_path / "label.gif") as b:
         a, b = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
     band = b.shape[0] - a.shape[0]
@@ -1360,657 +1626,390 @@ def test_gif_label_and_max_size(tmp_path):
     assert np.array_equal(b[band:], a)  # the grid itself untouched
     assert Image.open(tmp_path / "small.gif").size == (41, 41)
     assert max(Image.open(tmp_path / "sl.gif").size) <= 60
-
-
-def test_gif_steps_and_glob_and_files(tmp_path):
-    samples = make_run(tmp_path / "r", epochs=3, steps=(500, 1000, 1500, 2000)) / "samples"
-    p = helper_run("make_gif.py", tmp_path / "r", "--steps")
-    assert p.returncode == 0, p.stderr
-    assert [f[2] for f in gif_frames(tmp_path / "r" / "training_steps.gif")[0]] == [
-        cell_value(s, 0) for s in (500, 1000, 1500, 2000)
-    ]
-    p = helper_run("make_gif.py", samples / "epoch_00[23].png", "--out", tmp_path / "glob.gif")  # pattern, not expanded
-    assert p.returncode == 0, p.stderr
+    call("make_gif.py", tmp_path / "r", "--steps")
+    frames = gif_frames(tmp_path / "r" / "training_steps.gif")[0]
+    assert [f[2] for f in frames] == [cell_value(s, 0) for s in (500, 1000, 1500, 2000)]
+    call("make_gif.py", samples / "epoch_00[23].png", "--out", tmp_path / "glob.gif")  # a pattern, not expanded
     assert [f[2] for f in gif_frames(tmp_path / "glob.gif")[0]] == [cell_value(2, 0), cell_value(3, 0)]
-    p = helper_run(
-        "make_gif.py", samples / "epoch_003.png", samples / "epoch_001.png"
-    )  # explicit files keep their order
-    assert p.returncode == 0, p.stderr
+    call("make_gif.py", samples / "epoch_003.png", samples / "epoch_001.png")  # files named one by one keep their order
     assert [f[2] for f in gif_frames(tmp_path / "r" / "training.gif")[0]] == [cell_value(3, 0), cell_value(1, 0)]
 
 
-def test_gif_mismatched_sizes(tmp_path):
+def test_gif_refusals(tmp_path):
+    """Argument values out of range: an argparse error. More images than a grid holds, grids of differing sizes, no
+    samples, an input that does not exist: one line, exit 2. No GIF written."""
     run_dir = make_run(tmp_path / "r", epochs=3)
-    grid(4, size=GRID_SIZE + 2).save(run_dir / "samples" / "epoch_004.png")
-    p = helper_run("make_gif.py", run_dir)
-    assert_clean_error(p, "epoch_004.png", "98x98", "82x82")
-    assert not (run_dir / "training.gif").exists()
-
-
-def test_gif_no_samples_and_missing_input(tmp_path):
     (tmp_path / "empty" / "samples").mkdir(parents=True)
-    assert_clean_error(helper_run("make_gif.py", tmp_path / "empty"), "no samples found", "epoch_*.png")
-    assert_clean_error(helper_run("make_gif.py", tmp_path / "nowhere"), "nowhere")
+    for flag, value in (("--fps", 0), ("--hold-last", -1), ("--first", -1), ("--max-size", -1), ("--loop", -1)):
+        p = call("make_gif.py", run_dir, flag, value, ok=2)
+        assert p.stderr.startswith("usage: ") and p.stderr.splitlines()[-1].startswith("make_gif.py: error: "), p.stderr
+        assert flag in p.stderr.splitlines()[-1]
+    refused(call("make_gif.py", run_dir, "--first", 65, ok=2), "--first 65", "holds only 64 images")
+    grid(4, size=GRID_SIZE + 2).save(run_dir / "samples" / "epoch_004.png")
+    refused(call("make_gif.py", run_dir, ok=2), "epoch_004.png", "98x98", "82x82")
+    refused(call("make_gif.py", tmp_path / "empty", ok=2), "no samples found", "epoch_*.png")
+    refused(call("make_gif.py", tmp_path / "nowhere", ok=2), "nowhere")
+    assert not list(tmp_path.rglob("*.gif"))
 
 
-def test_gif_mp4_without_ffmpeg(tmp_path):
-    try:
-        import imageio_ffmpeg  # noqa: F401
-
-        pytest.skip("imageio-ffmpeg is installed")
-    except ImportError:
-        pass
+@pytest.mark.parametrize("installed", [True, False], ids=["ffmpeg-installed", "ffmpeg-missing"])
+def test_gif_or_mp4(tmp_path, monkeypatch, installed):
+    """An .mp4 --out: a video of the grids (sides padded to even) with --hold-last seconds of the last frame, where
+    imageio-ffmpeg is installed; where it is missing (made unfindable here, wherever it is installed), a one-line
+    refusal that says how to get it, and no file."""
     make_run(tmp_path / "r", epochs=2)
-    p = helper_run("make_gif.py", tmp_path / "r", "--out", tmp_path / "train.mp4")
-    assert_clean_error(p, "pip install imageio-ffmpeg")
-    assert not (tmp_path / "train.mp4").exists()
+    if not installed:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else
+                            find_spec(name, *a))  # fmt: skip
+        p = call("make_gif.py", tmp_path / "r", "--out", tmp_path / "train.mp4", ok=2)
+        refused(p, "pip install imageio-ffmpeg")
+        assert not (tmp_path / "train.mp4").exists()
+        return
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        pytest.skip("imageio-ffmpeg is not installed: pip install imageio-ffmpeg")
+    import imageio.v3 as iio
+
+    call("make_gif.py", tmp_path / "r", "--fps", 4, "--hold-last", 1, "--out", tmp_path / "train.mp4")
+    video = iio.imread(tmp_path / "train.mp4", plugin="FFMPEG")
+    assert video.shape == (2 + 4 - 1, 82, 82, 3)  # 2 grids, then the last one 1 s at 4 frames/s
+    assert abs(int(video[0, 3, 3, 0]) - cell_value(1, 0)) < 10 and abs(int(video[-1, 3, 3, 0]) - cell_value(2, 0)) < 10
 
 
-# plot_losses.py
+def losses_csv(path, epochs=4, steps_per_epoch=25, extra="", tail=""):
+    rng = np.random.default_rng(0)
+    lines = [HEADER + extra]
+    for step in range(1, epochs * steps_per_epoch + 1):
+        v = rng.uniform(0.3, 0.7, 4)
+        row = f"{step},{(step - 1) // steps_per_epoch + 1},{v[0] * 2:.4f},{v[1] * 4:.4f},{v[2]:.4f},{v[3]:.4f}"
+        lines.append(row + (",0.0002,1.5" if extra else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + tail)
+    return path
+
+
+def plotted(monkeypatch, *args, ok=True):
+    """plot_losses.py args in this process -> (its CompletedProcess, the top and bottom panels of the figure saved)."""
+    import matplotlib.figure
+
+    figures, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or savefig(
+        fig, *a, **kw))  # fmt: skip
+    p = call("plot_losses.py", *args, ok=ok)
+    return p, (figures[0].axes if figures else None)
+
+
+def epoch_lines(ax):  # the x of every vertical line of a panel
+    return [line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == 2 and len(set(line.get_xdata())) == 1]
 
 
 def final_line(stdout, name):
     return next(line for line in stdout.splitlines() if line.startswith(f"{name}: step"))
 
 
-def test_plot_single_run_size_and_summary(tmp_path):
+def test_plot_single_run_size_and_summary(tmp_path, monkeypatch):
     losses_csv(tmp_path / "r" / "losses.csv")
-    p = helper_run("plot_losses.py", tmp_path / "r", "--dpi", 50, "--size", 6, 4)
-    assert p.returncode == 0, p.stderr
+    p, (top, bottom) = plotted(monkeypatch, tmp_path / "r", "--dpi", 50, "--size", 6, 4)
     with Image.open(tmp_path / "r" / "losses.png") as im:
         assert im.size == (300, 200)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # something was drawn
     words = final_line(p.stdout, str(tmp_path / "r")).split()
     assert words[1:3] == ["step", "100"] and words[3::2] == ["loss_d", "loss_g", "d_real", "d_fake"]
     assert 0.3 < float(words[8]) < 0.7  # smoothed d_real stays inside the range of its raw values
+    assert top.get_yscale() == "linear" and epoch_lines(top) == epoch_lines(bottom) == [25, 50, 75]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["loss_d", "loss_g"]
 
 
-def test_plot_two_runs_and_default_out(tmp_path):
-    a, b = losses_csv(tmp_path / "a" / "losses.csv"), losses_csv(tmp_path / "b" / "losses.csv", epochs=2)
-    p = helper_run("plot_losses.py", a.parent, b, cwd=tmp_path)  # several runs: losses.png in the current directory
-    assert p.returncode == 0, p.stderr
-    assert "step 100 " in final_line(p.stdout, str(a.parent)) and "step 50 " in final_line(p.stdout, str(b.parent))
+def test_plot_two_runs_legend_log_and_default_out(tmp_path, monkeypatch):
+    """Several runs: named by their directories in the legend, the epoch lines of the first run, --log on the loss
+    panel, the plot in losses.png in the current directory."""
+    losses_csv(tmp_path / "a" / "losses.csv")
+    losses_csv(tmp_path / "b" / "losses.csv", epochs=2, steps_per_epoch=10)
+    monkeypatch.chdir(tmp_path)
+    p, (top, bottom) = plotted(monkeypatch, "a", "b/losses.csv", "--log")
+    assert "step 100 " in final_line(p.stdout, "a") and "step 20 " in final_line(p.stdout, "b")
     assert Image.open(tmp_path / "losses.png").size == (1000, 700)
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["a loss_d", "a loss_g", "b loss_d", "b loss_g"]
+    assert [t.get_text() for t in bottom.get_legend().get_texts()] == ["a d_real", "a d_fake", "b d_real", "b d_fake"]
+    assert top.get_yscale() == "log" and bottom.get_yscale() == "linear" and epoch_lines(top) == [25, 50, 75]
 
 
-def test_plot_header_only(tmp_path):
+def test_plot_refusals_and_runs_without_rows(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "losses.csv").write_text(HEADER + "\n")
-    assert_clean_error(helper_run("plot_losses.py", tmp_path / "empty"), "no rows yet")
+    refused(call("plot_losses.py", tmp_path / "empty", ok=2), "no rows yet")
+    refused(call("plot_losses.py", tmp_path / "nowhere", ok=2), "nowhere")
+    refused(call("plot_losses.py", tmp_path / "nowhere.csv", ok=2), "nowhere.csv")
     losses_csv(tmp_path / "good" / "losses.csv")
-    p = helper_run("plot_losses.py", tmp_path / "empty", tmp_path / "good", "--out", tmp_path / "both.png")
-    assert p.returncode == 0 and "no rows yet" in p.stderr and "Traceback" not in p.stderr
-    assert len([line for line in p.stdout.splitlines() if ": step " in line]) == 1
+    p = call("plot_losses.py", tmp_path / "empty", tmp_path / "good", "--out", tmp_path / "both.png")
+    assert "no rows yet" in p.stderr and len([line for line in p.stdout.splitlines() if ": step " in line]) == 1
     assert (tmp_path / "both.png").exists()
+    for flag, *value in (("--smooth", 1), ("--dpi", 0), ("--size", 0, 5)):
+        p = call("plot_losses.py", tmp_path / "good", flag, *value, ok=2)
+        assert p.stderr.startswith("usage: ") and p.stderr.splitlines()[-1].startswith("plot_losses.py: error: ")
+        assert flag in p.stderr.splitlines()[-1]
 
 
-def test_plot_missing_file(tmp_path):
-    assert_clean_error(helper_run("plot_losses.py", tmp_path / "nowhere"), "nowhere")
-    assert_clean_error(helper_run("plot_losses.py", tmp_path / "nowhere.csv"), "nowhere.csv")
+def test_plot_skips_a_truncated_last_line(tmp_path):
+    for tail in ("101,5,0.5\n", "101,5,0.5,1.2,0.6,0.4"):  # missing columns, no newline: a writer caught mid-line
+        path = losses_csv(tmp_path / "r" / "losses.csv", tail=tail)
+        p = call("plot_losses.py", path, "--out", tmp_path / "t.png")
+        assert p.stderr.startswith("warning") and "truncated last line 102" in p.stderr
+        assert "step 100 " in final_line(p.stdout, str(tmp_path / "r"))
 
 
-@pytest.mark.parametrize("tail", ["101,5,0.5\n", "101,5,0.5,1.2,0.6,0.4"])  # missing columns / no newline: cut
-def test_plot_truncated_last_line(tmp_path, tail):
-    path = losses_csv(tmp_path / "r" / "losses.csv", tail=tail)
-    p = helper_run("plot_losses.py", path, "--out", tmp_path / "t.png")
-    assert p.returncode == 0, p.stderr
-    assert "warning" in p.stderr and "truncated last line 102" in p.stderr and "Traceback" not in p.stderr
-    assert "step 100 " in final_line(p.stdout, str(tmp_path / "r"))
-
-
-def test_plot_extra_columns_epoch_axis_log_no_smoothing(tmp_path):
-    path = losses_csv(tmp_path / "r" / "losses.csv", extra=",lr,grad_norm")
-    p = helper_run("plot_losses.py", path, "--x", "epoch", "--log", "--smooth", 0, "--out", tmp_path / "e.png")
-    assert p.returncode == 0, p.stderr
+def test_plot_extra_columns_epoch_axis_no_smoothing(tmp_path, monkeypatch):
+    """--x epoch: each step at its fraction of its epoch, an unfinished epoch given the length of the others."""
+    unfinished = "".join(f"{s},5,0.5,1.2,0.6,0.4,0.0002,1.5\n" for s in range(101, 111))  # 10 steps of 25
+    path = losses_csv(tmp_path / "r" / "losses.csv", extra=",lr,grad_norm", tail=unfinished)
+    p, (top, _) = plotted(monkeypatch, path, "--x", "epoch", "--smooth", 0, "--out", tmp_path / "e.png")
     last_row = path.read_text().splitlines()[-1].split(",")
     words = final_line(p.stdout, str(tmp_path / "r")).split()
     assert [float(w) for w in words[4::2]] == pytest.approx([float(v) for v in last_row[2:6]], rel=1e-2)
-    assert Image.open(tmp_path / "e.png").size == (1000, 700)
-
-
-def test_plot_epoch_axis_and_smoothing_in_process():
-    sys.path.insert(0, str(ROOT))
-    import plot_losses
-
-    step = np.arange(1.0, 26.0)
-    epoch = np.repeat([1.0, 2.0, 3.0], [10, 10, 5])  # the last epoch is half done
-    x = plot_losses.epoch_x(step, epoch)
-    assert x[0] == pytest.approx(0.1) and x[9] == pytest.approx(1.0) and x[-1] == pytest.approx(2.5)
+    assert Image.open(tmp_path / "e.png").size == (1000, 700) and epoch_lines(top) == [1, 2, 3, 4]
+    x = top.lines[0].get_xdata()
+    assert x[0] == pytest.approx(0.04) and x[99] == pytest.approx(4.0) and x[-1] == pytest.approx(4.4)
     assert np.all(np.diff(x) > 0)
-    raw = np.array([1.0, 3.0, np.nan, 3.0])
-    assert plot_losses.ema(raw, 0) is raw
-    assert plot_losses.ema(raw, 0.9)[0] == 1.0 and plot_losses.ema(np.full(5, 2.0), 0.9) == pytest.approx(2.0)
 
 
 def test_helpers_on_a_real_run(tmp_path, fault_reference):
+    """make_gif.py and plot_losses.py as a user runs them, on a run of dcgan_mnist.py."""
     copy_run(fault_reference("dcgan_mnist.py"), tmp_path)  # 5 epochs, a step grid every 10 steps
-    epochs = len(list((tmp_path / "run" / "samples").glob("epoch_*.png")))
-    p = helper_run("make_gif.py", tmp_path / "run", "--label", "--first", 16)
-    assert p.returncode == 0, p.stderr
+    samples = tmp_path / "run" / "samples"
+    run("make_gif.py", tmp_path / "run", "--label", "--first", 16)
     gif = Image.open(tmp_path / "run" / "training.gif")
-    assert epochs > 1 and gif.n_frames == epochs and gif.size[0] == 4 * 28 + 10
-    assert helper_run("make_gif.py", tmp_path / "run", "--steps").returncode == 0
-    assert Image.open(tmp_path / "run" / "training_steps.gif").n_frames == len(
-        list((tmp_path / "run" / "samples").glob("step_*"))
-    )
-    p = helper_run("plot_losses.py", tmp_path / "run", "--dpi", 50)
-    assert p.returncode == 0, p.stderr
-    assert Image.open(tmp_path / "run" / "losses.png").size[0] > 100
+    assert gif.n_frames == len(list(samples.glob("epoch_*"))) > 1 and gif.size[0] == 4 * 28 + 10
+    run("make_gif.py", tmp_path / "run", "--steps")
+    assert Image.open(tmp_path / "run" / "training_steps.gif").n_frames == len(list(samples.glob("step_*")))
+    p = run("plot_losses.py", tmp_path / "run", "--dpi", 50)
+    assert Image.open(tmp_path / "run" / "losses.png").size == (500, 350)
     assert f"step {len(rows(tmp_path / 'run'))} loss_d" in p.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# dcgan_celeba.py on real files, as a user runs it
+# What each training flag does, seen from outside
 
-CELEBA = ["--size", "32", "--batch-size", "4", "--ngf", "8", "--ndf", "8", "--amp", "off", "--workers", "2"]
 
+def module_and_args(script, *flags):  # the script imported, and its arguments for a tiny run with `flags`
+    mod = importlib.import_module(script[:-3])
+    return mod, mod.parse_args([*map(str, tiny(script, "unused", *flags))])[0]
 
-def check_odd_images_run(p, zoo, run_dir):
-    """A --dry-run on the image zoo: every readable file is an image, the unreadable ones skipped in one warning."""
-    _, good, bad = zoo
-    assert f"data: {len(good)} images" in p.stdout and "built" in p.stdout
-    warning = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and f"skipped {len(bad)} unreadable" in warning[0] and "truncated.jpg" in warning[0]
-    check_run(run_dir, 32, 3, steps=1)
 
-
-# a plain folder: the first run of test_celeba_cache_is_reused_and_rebuilt_when_the_source_changes
-@pytest.mark.parametrize("source", ["nested", "zip", "torchvision-root"])
-def test_celeba_trains_on_folders_and_zips_of_odd_images(zoo, tmp_path, source):
-    folder = zoo[0]
-    data = {"nested": tmp_path / "x" / "y" / "zoo", "zip": tmp_path / "img_align_celeba.zip",
-            "torchvision-root": tmp_path / "root"}[source]  # fmt: skip
-    if source == "nested":
-        shutil.copytree(folder, data)
-    elif source == "zip":
-        make_zip(str(folder), str(data))
-    elif source == "torchvision-root":  # what CelebA(root, download=True) leaves before unpacking
-        make_zip(str(folder), str(tmp_path / "img_align_celeba.zip"))
-        (data / "celeba").mkdir(parents=True)
-        shutil.move(tmp_path / "img_align_celeba.zip", data / "celeba" / "img_align_celeba.zip")
-    cache = tmp_path / "cache"
-    p = run("dcgan_celeba.py", "--data", data, "--cache-dir", cache, *CELEBA, "--dry-run", "--out", tmp_path / "run")
-    check_odd_images_run(p, zoo, tmp_path / "run")
-    assert len(list(cache.glob("*.u8.npy"))) == 1
-
-
-def test_celeba_cache_is_reused_and_rebuilt_when_the_source_changes(zoo, tmp_path):
-    """The image zoo as a plain folder (its unreadable files too), the cache next to it by default. The first run as a
-    user starts it, the next six in this process (the same main(); what they check happens before the one step)."""
-    folder = tmp_path / "faces"
-    shutil.copytree(zoo[0], folder)
-
-    def train(name, *extra):
-        return call("dcgan_celeba.py", "--data", folder, *CELEBA, "--dry-run", "--out", tmp_path / name, *extra).stdout
-
-    p = run("dcgan_celeba.py", "--data", folder, *CELEBA, "--dry-run", "--out", tmp_path / "a")
-    check_odd_images_run(p, zoo, tmp_path / "a")  # built
-    assert "reused" in train("b")
-    caches = sorted(tmp_path.glob("faces.*.u8.npy"))  # next to the data by default
-    assert len(caches) == 1
-    Image.new("RGB", (50, 60), "red").save(folder / "new.png")  # a file added: rebuilt, the stale cache removed
-    assert f"data: {len(zoo[1]) + 1} images" in (out := train("c")) and "built" in out
-    assert sorted(tmp_path.glob("faces.*.u8.npy")) != caches and len(list(tmp_path.glob("faces.*.u8.npy"))) == 1
-    (folder / "new.png").unlink()  # files removed: rebuilt (the unreadable ones too: --max-images counts files)
-    shutil.rmtree(folder / "broken")
-    assert "built" in train("d")
-    out = train("e", "--max-images", 5)
-    assert "data: 5 images" in out and "built" in out
-    assert "reused" in train("f", "--max-images", 5)
-    with open(min(tmp_path.glob("faces.32px.max5.*.u8.npy")), "r+b") as f:  # edited behind our back
-        f.seek(-10, 2)
-        f.write(b"\xff" * 10)
-    assert "rebuilt, the old one was damaged" in train("g", "--max-images", 5)
-
-
-def test_celeba_data_errors_are_one_line(zoo, tmp_path, monkeypatch):
-    """Refused while loading the data, before any model: the first case as a user runs it, the others in this
-    process (the same main())."""
-    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    (tmp_path / "broken").mkdir()
-    for name in zoo[2]:
-        shutil.copy(zoo[0] / name, tmp_path / "broken")
-    (tmp_path / "fake.zip").write_text("not a zip")
-    cases = [
-        (["--data", tmp_path / "nothing"], ["no images", "nothing", "img_align_celeba.zip", "--download"]),
-        (["--data", tmp_path / "broken"], ["none of the 3 image files"]),
-        (["--data", tmp_path / "fake.zip"], ["not a readable zip"]),
-        (["--data", tmp_path / "dl", "--download"], ["could not download CelebA", "Kaggle"]),
-        (["--dataset", "cifar10", "--data", tmp_path / "c10"], ["cifar-10-batches-py", "cifar-10-python.tar.gz"]),
-    ]
-    for i, (flags, words) in enumerate(cases):
-        if i == 0:
-            p = run("dcgan_celeba.py", *flags, *CELEBA, "--out", tmp_path / "run", ok=2, env=env)
-            for name in ("http_proxy", "https_proxy"):
-                monkeypatch.setenv(name, env[name])
-        else:
-            p = call("dcgan_celeba.py", *flags, *CELEBA, "--out", tmp_path / "run", ok=2)
-        assert_one_line_error(p, *words)
-        assert not (tmp_path / "run").exists()
-    p = call("dcgan_celeba.py", "--dataset", "cifar10", "--size", "64", ok=2)
-    assert "--size 32" in p.stderr
-
-
-@slow
-def test_celeba_learns_the_synthetic_faces(tmp_path):
-    """Each of 256 generated faces is compared with the 4096 training faces by normalised correlation over all pixels
-    and colours (so that a flat gray image is not close to a pale face): its best r says how much it looks like a
-    face of the data, the face that gives it which one. The layout: how far the colour of its centre (the face) is
-    from that of its top corners (the background), summed over R, G, B. Held-out faces of the data score medians of
-    r 0.87 and layout 0.63 (245 distinct nearest faces); an untrained G's flat gray 0.08 to 0.26 and 0.002; 256
-    copies of the mean face r 0.85, layout 0.36 but 1 distinct nearest face; blurred noise r 0.39. After 400 steps at
-    32 x 32 with G and D half the default width (35 s on one core), seeds 0, 1 and 2 gave r 0.63, 0.65, 0.65, layout
-    0.44, 0.36, 0.33 and 132, 133, 216 distinct nearest faces (with the dcgan_celeba.py of the EMA warm-up: r 0.67,
-    0.64, 0.59, layout 0.26, 0.35, 0.39, and 76, 144, 190 faces): G must reach r 0.5, layout 0.15 and 32 faces, while
-    the untrained G stays below r 0.3 and layout 0.05."""
-    flags = ["--dataset", "synthetic", "--size", 32, "--ngf", 32, "--ndf", 32, "--batch-size", 32, "--amp", "off",
-             "--seed", 0]  # fmt: skip
-    faces = d.synthetic_faces(4096, 32).float().div(255).numpy()  # the training set: --max-images is 4096 at 32
-    for images, trained in zip(learning_runs("dcgan_celeba.py", tmp_path, flags, 400, 256), (False, True)):
-        r = correlations(images, faces)
-        best, nearest = np.median(r.max(1)), len(set(r.argmax(1).tolist()))
-        corners = np.concatenate([images[:, :, :4, :4], images[:, :, :4, -4:]], 3).mean((2, 3))
-        layout = np.median(np.abs(images[:, :, 12:20, 12:20].mean((2, 3)) - corners).sum(1))
-        print(f"trained {trained}: median best r {best:.3f}, layout {layout:.3f}, {nearest} distinct nearest faces")
-        if trained:
-            assert best >= 0.5 and layout >= 0.15 and nearest >= 32, (best, layout, nearest)
-        else:
-            assert best < 0.3 and layout < 0.05, (best, layout)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# dcgan_hires.py: DDP under torchrun, the streaming cache, 256x256, its own defaults
-
-HIRES = "dcgan_hires.py"
-
-
-def torchrun(*args, nproc=2, ok=True, timeout=300):
-    """dcgan_hires.py under `torchrun --standalone --nproc_per_node 2` on the CPU (DDP over gloo), one thread per
-    process so that two of them share two cores."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(command(HIRES, *args, nproc=nproc), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=env, check=False)  # fmt: skip
-    assert ok is not True or p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
-
-
-@slow
-def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_path):
-    """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process.
-    Stopped mid-epoch (--max-steps), refused without --resume, resumed under torchrun, stopped there by a SIGTERM to
-    torchrun, which passes it on to both ranks (they agree on a step, rank 0 saves), and resumed to the end: the run
-    matches an uninterrupted one bit for bit."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    exact = ["--epochs", 5, "--deterministic", "--log-every", 2]
-    p = torchrun(*tiny(HIRES, a, *exact))
-    assert p.stdout.count("seed: 0") == 1 and "ddp: 2 processes over gloo" in p.stdout and "Traceback" not in p.stderr
-    conf = config(a)
-    assert conf["world_size"] == 2 and conf["steps_per_epoch"] == 64 // (8 * 2)  # 8 in one process
-    ck = check_run(a, 128, 3, steps=20)
-    assert ck["epoch"] == 5 and [int(r[1]) for r in rows(a)] == [e for e in range(1, 6) for _ in range(4)]
-    assert sorted(f.name for f in (a / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, 6)] + [
-        "real.png"
-    ]
-    torchrun(*tiny(HIRES, b, *exact, "--max-steps", 5))  # in the middle of epoch 2
-    check_run(b, 128, 3, steps=5)
-    before = digest(b)
-    p = torchrun(*tiny(HIRES, b, *exact), ok=False)  # no --resume: every rank refuses
-    assert p.returncode != 0 and "add --resume to continue it" in p.stderr and digest(b) == before
-    proc = start(HIRES, "--out", b, "--resume", nproc=2)  # the other arguments come from the checkpoint
-    assert fault_wait(proc, lambda: len(fault_csv_steps(b)) >= 8, poll=0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert "resume: step 5 (epoch 1)" in out and "SIGTERM: stopped after step" in out and "--resume" in out, (out, err)
-    step = int(re.search(r"stopped after step (\d+)", out).group(1))
-    assert check_run(b, 128, 3)["step"] == step and 8 <= step < 20
-    stale = [b / "checkpoint.pt.tmp999999", b / "samples" / "epoch_002.png.tmp999998"]  # left by a killed run
-    for f in stale:
-        f.write_bytes(b"half-written")
-    p = torchrun("--out", b, "--resume")  # rank 0 alone removes them: no race between the ranks over one file
-    assert f"resume: step {step} " in p.stdout and "Traceback" not in p.stderr
-    assert not any(f.exists() for f in stale)
-    check_run(b, 128, 3, steps=20)
-    assert rows(a) == rows(b)
-    ck_a, ck_b = load(a / "checkpoint.pt"), load(b / "checkpoint.pt")
-    for net in ("generator", "discriminator", "ema"):
-        assert ck_a[net].keys() == ck_b[net].keys(), net
-        assert all(torch.equal(ck_a[net][k], ck_b[net][k]) for k in ck_a[net]), net
-    call(HIRES, "--out", b, "--generate", 2)  # a DDP checkpoint is a plain one (nothing trains: in this process)
-    assert Image.open(b / "generated" / "000001.png").size == (128, 128)
-
-
-def test_hires_torchrun_refusals_are_clean(tmp_path, dry_run):
-    """What a rank of `torchrun --nproc_per_node 2` refuses before it joins the others, each rank alike: --generate
-    (one process), --sync-bn on CPUs. Tried on one rank, in the environment torchrun gives it."""
-    rank = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2")
-    ckpt = dry_run(HIRES) / "checkpoint.pt"
-    p = run(HIRES, "--checkpoint", ckpt, "--out", tmp_path / "run", "--generate", 1, ok=2, env=rank)
-    assert "runs in one process" in p.stderr and not (tmp_path / "run").exists()
-    p = run(HIRES, *tiny(HIRES, tmp_path / "sync", "--dry-run", "--sync-bn"), ok=2, env=rank)
-    assert "--sync-bn needs CUDA GPUs" in p.stderr and not (tmp_path / "sync").exists()
-
-
-def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path, capsys):
-    """Every rank draws the same permutation; at each step the ranks' batches together are the one-process batch of
-    world x batch_size images, from the cache's memory map or from memory; a resume mid-epoch is exact per rank."""
-    import dcgan_hires as h
-
-    data = numbered(203, size=2)
-    np.save(tmp_path / "data.npy", data.numpy())
-    mm = np.load(tmp_path / "data.npy", mmap_mode="r")
-
-    def args(batch_size):
-        return SimpleNamespace(batch_size=batch_size, seed=5, data_memory=None)
-
-    whole = h.BatchSource(mm, args(20), "cpu")
-    ranks = [h.BatchSource(source, args(5), "cpu", rank, 4) for rank in range(4) for source in (mm, data)]
-    assert len(whole) == 10 and all(len(r) == 10 for r in ranks)
-    for epoch in (0, 3):
-        for step, (batch, *parts) in enumerate(zip(whole.epoch(epoch), *(r.epoch(epoch) for r in ranks))):
-            assert torch.equal(torch.cat(parts[::2]), torch.cat(parts[1::2])), step  # memory map and memory agree
-            assert sorted(ids(torch.cat(parts[::2]))) == ids(batch), step
-        for r in ranks:
-            assert all(
-                torch.equal(x, y) for x, y in zip(list(r.epoch(epoch))[7:], r.epoch(epoch, start=7), strict=True)
-            )
-    with pytest.raises(SystemExit):
-        h.BatchSource(mm, args(60), "cpu", 0, 4)
-    assert "fewer than --batch-size 60 times 4 processes" in capsys.readouterr().err
-
-
-def training_memory_mb(*args):
-    """Run dcgan_hires.py; -> (its output, the peak of the memory it owns while it trains, in MB): RssAnon, from the
-    moment it prints "training:" on. Not VmRSS, which also counts the pages of the memory-mapped cache file that the
-    OS keeps in its cache (reclaimable, not the process's), nor the peak over the whole run (VmHWM), which importing
-    torch sets."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / HIRES), *map(str, args)], cwd=ROOT, text=True, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    lines, training = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("training:"):
-                training.set()
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    rss = []
-    while proc.poll() is None:
-        if training.is_set():
-            try:
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-                rss.append(int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) / 1024)
-            except (OSError, AttributeError):  # the process ended between poll() and here
-                pass
-        time.sleep(0.01)
-    reader.join()
-    out = "".join(lines)
-    assert proc.returncode == 0 and "Traceback" not in out and len(rss) > 10, out
-    return out, max(rss)
-
-
-@slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
-def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(tmp_path):
-    """--data-memory 0: batches are gathered from the cache file's memory map, whose pages are the OS's file cache,
-    not memory the process owns: a whole epoch over an 8x larger cache (+164 MB) takes no more of its own memory
-    (RssAnon) than one over the small cache (measured here: 444 and 451 MB; 447 and 627 MB when the cache is read
-    into memory instead)."""
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, 128, dtype=np.float32)
-    for name, n in (("small", 500), ("large", 4000)):
-        (tmp_path / name).mkdir()
-        for i in range(n):  # smooth colour ramps: small JPEGs, quick to write and to decode
-            c = rng.random((2, 3), dtype=np.float32) * 255
-            img = c[0] + (c[1] - c[0]) * (ramp[:, None, None] * ramp[None, :, None])
-            Image.fromarray(img.astype(np.uint8)).save(tmp_path / name / f"{i:05d}.jpg", quality=90)
-    flags = ["--size", 128, "--batch-size", 25, "--ngf", 1, "--ndf", 1, "--amp", "off", "--workers", 2, "--ema", 0,
-             "--log-every", 10, "--epochs", 1, "--data-memory", 0]  # fmt: skip
-    peak = {}
-    for name, steps in (("small", 20), ("large", 160)):  # one epoch each
-        text, peak[name] = training_memory_mb("--data", tmp_path / name, *flags, "--out", tmp_path / f"{name}-run")
-        assert f"epoch 1/1  step {steps} " in text and "batches: gathered from the cache file" in text, text
-    cache = {n: sum(f.stat().st_size for f in tmp_path.glob(f"{n}.128px.*.u8.npy")) / 2**20 for n in peak}
-    print(f"\ncaches {cache} MB; peak of the memory owned while training an epoch over them {peak} MB")
-    assert cache["large"] - cache["small"] > 160
-    assert peak["large"] - peak["small"] < 0.15 * (cache["large"] - cache["small"]), (peak, cache)
-
-
-def test_hires_256_model_is_under_50m_parameters_and_trains(tmp_path):
-    p = call(HIRES, "--size", 256, "--summary")  # default widths: ngf = ndf = 64, capped at 8x
-    totals = [int(t.replace(",", "")) for t in re.findall(r"total parameters: ([\d,]+)", p.stdout)]
-    assert len(totals) == 2 and sum(totals) < 50e6, totals
-    assert "(512, 4, 4)" in p.stdout and "(3, 256, 256)" in p.stdout
-    flags = ["--dataset", "synthetic", "--size", 256, "--max-images", 8, "--batch-size", 4, "--ngf", 4, "--ndf", 4,
-             "--amp", "off"]  # fmt: skip
-    run(HIRES, *flags, "--dry-run", "--out", tmp_path / "run")
-    check_run(tmp_path / "run", 256, 3, steps=1)
-    call(HIRES, "--out", tmp_path / "run", "--generate", 2)  # nothing trains: in this process
-    assert Image.open(tmp_path / "run" / "generated" / "000000.png").size == (256, 256)
-
-
-def test_hires_defaults_differ_from_celeba_and_each_turns_off(tmp_path, dry_run):
-    help_text = " ".join(call(HIRES, "--help").stdout.split())
-    assert "--spectral-norm, --no-spectral-norm" in help_text and "BatchNorm (default: True)" in help_text
-    size, nc, _ = SCRIPTS[HIRES]
-    on = dry_run(HIRES)  # tiny(HIRES) --dry-run: the defaults but for the sizes
-    conf = config(on)
-    assert (conf["spectral_norm"], conf["label_smoothing"], conf["ema"]) == (True, 0.1, 0.999)
-    assert conf["batch_size"] == 8 and conf["size"] == 128 and conf["world_size"] == 1
-    ck = check_run(on, size, nc, steps=1)
-    assert "ema" in ck and any("parametrizations" in k for k in ck["discriminator"])
-    off = ["--no-spectral-norm", "--label-smoothing", 0, "--ema", 0]
-    run(HIRES, *tiny(HIRES, tmp_path / "off", "--dry-run", *off))
-    conf = config(tmp_path / "off")
-    assert (conf["spectral_norm"], conf["label_smoothing"], conf["ema"]) == (False, 0.0, 0.0)
-    ck = check_run(tmp_path / "off", size, nc, steps=1)
-    assert "ema" not in ck and not any("parametrizations" in k for k in ck["discriminator"])
-    assert any("running_mean" in k for k in ck["discriminator"])  # BatchNorm in D, as in the paper
-    p = call(HIRES, "--out", tmp_path / "off", "--resume", "--spectral-norm", ok=2)
-    assert_one_line_error(p, "--spectral-norm False (checkpoint) vs True")
-    p = call(HIRES, "--dataset", "celeba-hq", "--data", tmp_path / "nothing", "--out", tmp_path / "hq", ok=2)
-    assert_one_line_error(p, "no images", "CelebA-HQ", "--download cannot fetch them")
-    assert not (tmp_path / "hq").exists()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Flag combinations a review found broken: fp16, resume with other flags, EMA, amp auto, label-smoothing dtype
-
-
-def test_fp16_with_several_g_steps_and_amp_switched_on_resume(tmp_path):
-    """One GradScaler per optimizer, each updated after its own step; --amp may change in every direction on resume.
-    train_step, optimizer_step and restore are the same in every script (test_shared_helpers_are_identical...)."""
-    script = "dcgan_mnist.py"
-    run(script, *tiny(script, tmp_path / "run", "--amp", "fp16", "--g-steps", 2, "--max-steps", 2))
-    ck = load(tmp_path / "run" / "checkpoint.pt")
-    assert ck["scaler_g"]["scale"] > 0 and ck["scaler_d"]["scale"] > 0  # two scalers, each with its own state
-    for step, amp in enumerate(["off", "fp16", "bf16"], start=3):
-        p = run(script, "--out", tmp_path / "run", "--resume", "--amp", amp, "--max-steps", step)
-        assert f"amp: {amp}" in p.stdout
-    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=5)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, tmp_path, dry_run):
-    """The flags typed with --resume win; the first resume is of a checkpoint written before --g-act and --d-norm
-    existed: missing keys mean ReLU and BatchNorm unless spectral norm."""
-    out = copy_run(dry_run(script), tmp_path)
-    ck = load(out / "checkpoint.pt")
-    del ck["args"]["g_act"], ck["args"]["d_norm"]
-    torch.save(ck, out / "checkpoint.pt")
-    run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
-    assert isinstance(importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt").main[2], torch.nn.ReLU)
-    ck = load(out / "checkpoint.pt")
-    assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
-    for opt in ("opt_g", "opt_d"):
-        assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
-    assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 and ck["opt_d"]["param_groups"][0]["lr"] == 2e-4
-    p = run(script, "--out", out, "--resume", "--max-steps", 3, "--d-optim", "sgd")
-    assert "resume: --d-optim sgd: D's optimizer starts afresh (the run used adam)" in p.stdout
-    ck = load(out / "checkpoint.pt")
-    assert ck["opt_d"]["param_groups"][0]["momentum"] == 0.9 and ck["args"]["beta1"] == 0.3  # the rest from the run
-    before = digest(out)
-    p = call(script, "--out", out, "--resume", "--max-steps", 4, "--batch-size", 4, ok=2)
-    assert_one_line_error(p, "--resume", "--batch-size", "an epoch is")
-    assert digest(out) == before
-
-
-def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
-    """--ema 0.999 for 80 steps: without warm-up 92% of the EMA weights would still be the random initialisation.
-    With it, EMA samples are close to the live generator's, far from an untrained one's (BatchNorm statistics in
-    the average too). At half the default widths (--ngf 16: 7 s instead of 13; seeds 0, 1, 2 gave EMA-to-live
-    distances of 0.18, 0.16, 0.20 of the untrained-to-live one, EMA contrast 0.93 to 0.96 of the live G's)."""
-    import dcgan_mnist as m
-
-    flags = ["--dataset", "synthetic", "--max-images", 2048, "--max-steps", 80, "--ema", 0.999, "--amp", "off", "--ngf",
-             16, "--ndf", 16]  # fmt: skip
-    run("dcgan_mnist.py", *flags, "--out", tmp_path / "run")
-    ck = load(tmp_path / "run" / "checkpoint.pt")
-    assert not any(k.startswith("module.") for k in ck["ema"])
-    assert not torch.equal(ck["ema"]["main.1.running_mean"], ck["generator"]["main.1.running_mean"])
-    torch.manual_seed(0)  # the run's seed: the generator the run started from
-    nets = {"untrained": m.Generator(100, 16), "live": m.Generator(100, 16), "ema": m.Generator(100, 16)}
-    nets["live"].load_state_dict(ck["generator"])
-    nets["ema"].load_state_dict(ck["ema"])
-    with torch.no_grad():
-        z = torch.randn(256, 100, 1, 1)
-        out = {k: g.eval()(z) for k, g in nets.items()}
-    ema_vs_live = (out["ema"] - out["live"]).abs().mean().item()
-    untrained_vs_live = (out["untrained"] - out["live"]).abs().mean().item()
-    assert ema_vs_live < 0.5 * untrained_vs_live, (ema_vs_live, untrained_vs_live)
-    stds = {k: round(v.std().item(), 3) for k, v in out.items()}  # contrast: strokes on black, not a flat gray
-    assert stds["ema"] > 0.7 * stds["live"] and stds["ema"] > 2 * stds["untrained"], stds
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_amp_auto_takes_bf16_only_where_it_is_native(script, monkeypatch):
-    module = importlib.import_module(script[:-3])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # setup() on a pretend GPU
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-
-    def amp(flag, native):
-        monkeypatch.setattr(
-            torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native
-        )
-        return module.setup(module.parse_args(["--device", "cuda", "--amp", flag])[0])[1]
-
-    assert amp("auto", native=False) == "fp16"  # a T4/V100: emulated bf16 only
-    assert amp("auto", native=True) == "bf16"
-    assert amp("off", native=True) == "off"
-
-
-def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
-    import dcgan_mnist as m
-
-    seen = []
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-
-    def spy(logits, target):
-        seen.append((logits.dtype, target.dtype, target.flatten()[0].item()))
-        return bce(logits, target)
-
-    monkeypatch.setattr(m.F, "binary_cross_entropy_with_logits", spy)
-    args, _ = m.parse_args(["--dataset", "synthetic", "--ngf", "4", "--ndf", "4", "--label-smoothing", "0.1"])
-    net = m.build(args, torch.device("cpu"), "bf16")
-    m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)
-    assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
-    assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help_shows_one_true_default_per_flag(script):
-    out = call(script, "--help").stdout
-    assert "(default: None)" not in out and "default: runs/<dataset>" in out
-    for block in re.split(r"\n  (?=-)", out):
-        assert block.count("(default") <= 1, block
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The original projects' knobs: --g-act, --d-norm, --noise-schedule; load_generator
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_g_act_and_d_norm_shape_the_networks(script):
-    """(Kept on resume: test_every_training_trick_runs_and_g_act_d_norm_are_kept_on_resume; an old checkpoint without
-    them: test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint.)"""
-    flags = SCRIPTS[script][2]
-    summary = call(script, *flags, "--summary", "--g-act", "leaky", "--spectral-norm", "--d-norm", "batch").stdout
-    g, d = summary.split("Discriminator")
-    assert "LeakyReLU" in g and "ReLU " not in g.replace("LeakyReLU", "")
-    assert "ParametrizedConv2d" in d and "BatchNorm2d" in d
-    assert "BatchNorm2d" not in call(script, *flags, "--summary", "--d-norm", "none").stdout.split("Discriminator")[1]
-
-
-def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
-    import dcgan_mnist as m
-
-    sigmas, handlers = {}, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for schedule in ("anneal", "constant"):
-        seen = sigmas[schedule] = []
-        monkeypatch.setattr(m, "noisy", lambda x, sigma, seen=seen: seen.append(sigma) or x)
-        flags = tiny("dcgan_mnist.py", tmp_path / schedule, "--epochs", 1, "--instance-noise", 0.5)
-        m.main([*map(str, flags), "--noise-schedule", schedule])  # in this process, to see every sigma
-        assert load(tmp_path / schedule / "checkpoint.pt")["args"]["noise_schedule"] == schedule
-    for sig, handler in handlers.items():  # train() installed its own
-        signal.signal(sig, handler)
-    steps = 256 // 32  # one epoch; noisy() is called 3 times a step (real, fake for D, fake for G)
-    assert sigmas["constant"] == [0.5] * 3 * steps
-    assert sigmas["anneal"][::3] == [0.5 * (1 - s / steps) for s in range(steps)]
-
-
-def readme_block(heading):
-    """The first ```python block (or every ```bash block) under a README heading."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```(?:python|bash)\n(.*?)```", section, re.DOTALL)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypatch, fault_reference):
-    out = fault_reference(script)  # a run with --ema
-    module = importlib.import_module(script[:-3])
-    G = module.load_generator(out / "checkpoint.pt")
-    ck = load(out / "checkpoint.pt")
-    assert not G.training and all(torch.equal(v, ck["ema"][k]) for k, v in G.state_dict().items())
+def a_batch(script, n=4):
     size, nc, _ = SCRIPTS[script]
-    assert G(torch.randn(2, G.nz, 1, 1)).shape == (2, nc, size, size)
-    code = readme_block("Use a trained generator from Python")[0]
-    code = code.replace("dcgan_celeba", script[:-3]).replace("runs/celeba64", str(out))
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example, run as a user would)
-    grid = Image.open(tmp_path / "grid.png")
-    assert grid.size[0] >= 4 * size
+    return torch.randint(0, 256, (n, nc, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def test_readme_recipes_of_the_original_projects_run(tmp_path):
-    """Every command line of "Reproduce the original projects", on synthetic data for one step (--dry-run), with
-    narrow networks (the last --ngf/--ndf wins): each script's first line as a user runs it, the others in this
-    process (the same main(), without starting Python with torch again)."""
-    lines = [line for block in readme_block("Reproduce the original projects") for line in block.splitlines()]
-    commands = [shlex.split(line.split("#")[0]) for line in lines if line.startswith("python dcgan_")]
-    assert len(commands) >= 5
-    for i, cmd in enumerate(commands):
-        script, flags = cmd[1], cmd[2:]
-        for flag in ("--dataset", "--data", "--out"):  # synthetic data, a run directory of the test's
-            while flag in flags:
-                del flags[flags.index(flag) : flags.index(flag) + 2]
-        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 128
-        if "--tensorboard" in flags and importlib.util.find_spec("tensorboard") is None:
-            flags.remove("--tensorboard")  # an optional package: test_tensorboard_is_optional covers its absence
-        tiny_nets = ["--ngf", 8, "--ndf", 8]  # every flag of the line is parsed and used; narrow networks: a quick step
-        first = script not in {c[1] for c in commands[:i]}
-        (run if first else call)(
-            script,
-            *flags,
-            *tiny_nets,
-            "--dataset",
-            "synthetic",
-            "--max-images",
-            batch,
-            "--dry-run",
-            "--out",
-            tmp_path / str(i),
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_d_norm_g_act_and_clip_grad_do_what_they_say(script, tmp_path):
+    no_sn = ["--no-spectral-norm"] if script == HIRES else []
+    for flags, batch_norm in (([*no_sn], True), (["--spectral-norm"], False), (["--spectral-norm", "--d-norm", "batch"],
+                              True), ([*no_sn, "--d-norm", "none"], False)):  # fmt: skip
+        mod, args = module_and_args(script, *flags)  # --d-norm auto: BatchNorm in D unless spectral norm
+        m = mod.build(args, torch.device("cpu"), "off")
+        assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.D.modules()) == batch_norm, flags
+    mod, args = module_and_args(script, "--g-act", "leaky")
+    m = mod.build(args, torch.device("cpu"), "off")
+    for step, clip in enumerate((0, 0.005)):  # the gradients' norms, unclipped (well above 0.01) and clipped
+        args.clip_grad = clip
+        mod.train_step(m, mod.preprocess(a_batch(script), args), args, step, 10)
+        norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])) for net in (m.G, m.D)]
+        assert min(norms) > 0.01 if not clip else max(norms) <= clip * 1.001
+    mod.save_checkpoint(tmp_path / "ck.pt", m, 3, 10, args, torch.randn(64, args.nz, 1, 1))
+    G = mod.load_generator(tmp_path / "ck.pt")  # rebuilt with the run's --g-act
+    acts = [x for x in G.modules() if isinstance(x, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    assert acts and all(isinstance(x, torch.nn.LeakyReLU) and x.negative_slope == 0.2 for x in acts)
+
+
+def test_resume_epochs_seed_and_epoch_length(tmp_path, dry_run):
+    """--epochs: the total, also on --resume, where an epoch's length cannot change; --seed repeats or changes a run."""
+    script, out = "dcgan_mnist.py", tmp_path / "run"
+    run(script, *tiny(script, out, "--epochs", 1))
+    run(script, "--out", out, "--resume", "--epochs", 2)
+    assert len(rows(out)) == 2 * 256 // 32 and config(out)["resolved_amp"] == "off"
+    assert "already at step 16 of 16" in run(script, "--out", out, "--resume").stdout  # the run's --epochs now: 2
+    refused(call(script, "--out", out, "--resume", "--max-images", 128, ok=2), "an epoch is 4 steps here but 8")
+    run(script, *tiny(script, tmp_path / "again", "--dry-run"))  # the same seed repeats the run
+    again, first = load(tmp_path / "again" / "checkpoint.pt"), load(dry_run(script) / "checkpoint.pt")
+    assert all(torch.equal(v, first["generator"][k]) for k, v in again["generator"].items())
+    inits = []  # another seed: other initial weights, not only another data order and fixed noise
+    for seed in (0, 1):
+        mod, args = module_and_args(script, "--seed", seed)
+        mod.setup(args)
+        inits.append(mod.build(args, torch.device("cpu"), "off").G.state_dict())
+    assert not all(torch.equal(v, inits[1][k]) for k, v in inits[0].items())
+
+
+def test_fp16_resume_restores_both_grad_scalers_exactly_and_amp_may_change(tmp_path):
+    """One GradScaler per optimizer, each updated after its own step and restored on resume; --amp may then change in
+    every direction. train_step, optimizer_step and restore are the same in every script."""
+    script, fp16 = "dcgan_mnist.py", ["--amp", "fp16", "--deterministic", "--g-steps", 2, "--d-optim", "sgd"]
+    run(script, *tiny(script, tmp_path / "whole", *fp16, "--max-steps", 6))
+    run(script, *tiny(script, tmp_path / "split", *fp16, "--max-steps", 3))
+    run(script, "--out", tmp_path / "split", "--resume", "--max-steps", 6)
+    whole, split = load(tmp_path / "whole" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
+    assert whole["scaler_g"]["_growth_tracker"] > 0 and whole["scaler_d"]["_growth_tracker"] > 0
+    assert (whole["scaler_g"], whole["scaler_d"]) == (split["scaler_g"], split["scaler_d"])
+    assert all(torch.equal(v, split["generator"][k]) for k, v in whole["generator"].items())
+    for step, amp in enumerate(["off", "fp16", "bf16"], start=7):
+        assert (
+            f"amp: {amp}"
+            in run(script, "--out", tmp_path / "split", "--resume", "--amp", amp, "--max-steps", step).stdout
         )
+    check_run(tmp_path / "split", *SCRIPTS[script][:2], steps=9)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_optimizers_keep_their_own_fused_setting_and_amp_off_enters_no_autocast(script, dry_run, monkeypatch):
+    """A CPU or Mac checkpoint resumed with fp16 where the optimizers are fused (CUDA; torch has a fused Adam on CPUs too)
+    and the reverse. With --amp off no autocast context is entered (torch 2.4 refused one on MPS, even disabled)."""
+    mod, args = module_and_args(script, "--amp", "fp16")
+    ck = load(dry_run(script) / "checkpoint.pt")
+    for fused in (True, None):
+        m = mod.build(args, torch.device("cpu"), "fp16")
+        m.opt_g, m.opt_d = (torch.optim.Adam(net.parameters(), fused=fused) for net in (m.G, m.D))
+        for key in ("opt_g", "opt_d"):
+            ck[key]["param_groups"][0]["fused"] = None if fused else True  # what the other device wrote
+        mod.restore(m, ck, args, torch.device("cpu"))
+        assert [o.param_groups[0]["fused"] for o in (m.opt_g, m.opt_d)] == [fused, fused]
+        mod.train_step(m, mod.preprocess(a_batch(script), args), args, 1, 2)  # AssertionError with the saved setting
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: pytest.fail(f"autocast{a}{k}"))
+    with mod.build(args, torch.device("cpu"), "off").autocast():
+        pass
+
+
+@slow
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_checkpoint_whole(tmp_path):
+    proc = start(HIRES, *tiny(HIRES, tmp_path / "run", "--ngf", 64, "--ndf", 64, "--batch-size", 16))  # slow steps
+    assert any(line.startswith("training:") for line in proc.stdout)  # reads up to that line
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the handler has run: the next SIGINT is the default one
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and load(tmp_path / "run" / "checkpoint.pt")["step"] == 0
+
+
+def test_hires_ranks_share_one_cache_and_average_their_rows(zoo, tmp_path, monkeypatch, capsys):
+    """Rank 0 builds the cache, the others open the file it names (or stop in one line); a CSV row: the ranks' mean."""
+    sent = []
+    monkeypatch.setattr(h, "WORLD", 2)
+    monkeypatch.setattr(h, "host_group", lambda: None)
+    monkeypatch.setattr(h.dist, "broadcast_object_list", lambda names, src, group: sent.append(names[0]) or
+                        names.__setitem__(0, sent[0]))  # fmt: skip
+    args = make_args(fresh_zoo(zoo, tmp_path), size=128)
+    data = h.load_shared(args)  # rank 0: builds the cache, then names it
+    assert isinstance(data, np.memmap) and sent == [data.filename]
+    monkeypatch.setattr(h, "RANK", 1)
+    monkeypatch.setattr(h, "load_dataset", lambda args: pytest.fail("rank 1 decoded the images"))
+    assert np.array_equal(h.load_shared(args), data)  # rank 1: opens the file rank 0 named
+    sent[0] = str(tmp_path / "elsewhere.u8.npy")
+    with pytest.raises(SystemExit):
+        h.load_shared(args)
+    assert "rank 1 cannot see the cache rank 0 built" in capsys.readouterr().err
+    monkeypatch.setattr(h.dist, "all_reduce", lambda t: t.add_(torch.tensor([1.0, 3.0, 0.2, 0.4])))  # the other rank
+    log = h.Log(SimpleNamespace(out=str(tmp_path / "run"), tensorboard=False), 0)
+    log.pending = [torch.tensor([3.0, 1.0, 0.6, 0.2])]
+    assert log.flush(1, 1) == pytest.approx([2.0, 2.0, 0.4, 0.3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The gpu tier: python -m pytest test_scripts.py -m gpu (skipped, with the reason, where there is no GPU)
+
+CUDA = torch.cuda.is_available()
+GPU = "cuda" if CUDA else "mps" if torch.backends.mps.is_available() else None
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_gpu = pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU or a Mac's GPU (MPS)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--amp", "fp16", "--d-optim", "sgd", "--g-steps", 2],
+                                   ["--compile"], ["--ema", 0.999]])  # fmt: skip
+def test_gpu_trains_benchmarks_and_never_syncs_inside_a_step(script, flags, tmp_path):
+    run(script, *tiny(script, tmp_path / "run", "--device", "cuda", "--max-steps", 20, *flags))
+    check_run(tmp_path / "run", *SCRIPTS[script][:2], steps=20)
+    assert config(tmp_path / "run")["resolved_device"].startswith("cuda")
+    p = run(script, *SCRIPTS[script][2], "--device", "cuda", "--benchmark", 5, *flags)
+    assert re.search(r"[\d,]+ images/s", p.stdout), p.stdout
+    mod, args = module_and_args(script, *flags, "--clip-grad", 1, "--instance-noise", 0.1, "--label-smoothing", 0.1)
+    m = mod.build(args, torch.device("cuda"), args.amp)
+    epoch = mod.BatchSource(a_batch(script, 6 * args.batch_size), args, torch.device("cuda")).epoch(0)
+    for step in range(6):  # 2 steps of warm-up (cuDNN, compile, the allocator, the epoch's order), then no sync at all
+        torch.cuda.set_sync_debug_mode("error" if step >= 2 else 0)
+        try:
+            mod.train_step(m, mod.preprocess(next(epoch), args), args, step, 10)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_resume_is_exact_and_moves_between_devices(script, tmp_path):
+    """With --deterministic, 10 + 10 steps give the very checkpoint 20 do; a run moves from the CPU to CUDA and back."""
+    exact = ["--device", GPU, "--deterministic", "--ema", 0.9]
+    run(script, *tiny(script, tmp_path / "whole", *exact, "--max-steps", 20))
+    run(script, *tiny(script, tmp_path / "split", *exact, "--max-steps", 10))
+    run(script, "--out", tmp_path / "split", "--resume", "--max-steps", 20)
+    whole, split = load(tmp_path / "whole" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
+    for key in ("generator", "discriminator", "ema"):
+        assert all(torch.equal(v, split[key][k]) for k, v in whole[key].items()), key
+    if CUDA:
+        run(script, *tiny(script, tmp_path / "moved", "--max-steps", 5))  # on the CPU
+        run(script, "--out", tmp_path / "moved", "--resume", "--device", "cuda", "--amp", "fp16", "--max-steps", 10)
+        run(script, "--out", tmp_path / "moved", "--resume", "--device", "cpu", "--amp", "off", "--max-steps", 15)
+        check_run(tmp_path / "moved", *SCRIPTS[script][:2], steps=15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA GPUs")
+def test_gpu_hires_torchrun_nccl_stops_and_resumes_exactly(tmp_path):
+    flags = [*SCRIPTS[HIRES][2], "--device", "cuda", "--deterministic"]
+    run(HIRES, *flags, "--out", tmp_path / "whole", "--max-steps", 12, nproc=2)
+    run(HIRES, *flags, "--out", tmp_path / "split", "--max-steps", 6, nproc=2)
+    p = run(HIRES, "--out", tmp_path / "split", "--resume", "--max-steps", 12, nproc=2)
+    assert "ddp: 2 processes over nccl" in p.stdout
+    whole, split = load(tmp_path / "whole" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
+    assert all(torch.equal(v, split["generator"][k]) for k, v in whole["generator"].items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README: every command in it runs
+
+README_SKIPPED = {"python -m venv": "set-up", "pip install": "the package index", "tensorboard --logdir": "a server",
+                  "python -m pytest": "this suite", "torchrun": "GPUs (dcgan_hires.py under torchrun on the CPU: below)"}  # fmt: skip
+MODES = {"--generate": 3, "--interpolate": 2, "--benchmark": 1}  # the count each is given here: a few, not thousands
+
+
+def test_every_command_of_the_readme_runs(tmp_path, monkeypatch):
+    """Each line of the README's ```bash blocks, in order, in one folder; training also gets the tiny flags, --dry-run
+    (--resume: --max-steps 2) and --sample-every 1, and its config.json holds every other value typed."""
+    monkeypatch.chdir(tmp_path)
+    text, done = (ROOT / "README.md").read_text(), 0
+    for line in "".join(re.findall(r"```bash\n(.*?)```", text, re.DOTALL)).replace("\\\n", " ").splitlines():
+        if not line.strip() or any(line.startswith(skip) for skip in README_SKIPPED):
+            continue
+        python, script, *argv = shlex.split(line, comments=True)
+        argv = [str(MODES[argv[i - 1]]) if i and argv[i - 1] in MODES else a for i, a in enumerate(argv)]
+        trains = script.startswith("dcgan_") and not set(argv) & {*MODES, "--summary"}
+        if script.startswith("dcgan_"):
+            mod = importlib.import_module(script[:-3])
+            typed, flags = vars(mod.parse_args(argv)[0]), SCRIPTS[script][2]  # with --resume: the run's arguments
+            length = [] if trains is False else ["--max-steps", 2] if "--resume" in argv else ["--dry-run"]
+            if length == ["--dry-run"]:  # the examples are independent: a new run replaces an earlier one of that name
+                shutil.rmtree(typed["out"], ignore_errors=True)
+            argv += map(str, [*flags, "--out", typed["out"], "--sample-every", 1, *length])
+        p = call(script, *argv, ok=False)
+        if "--tensorboard" in argv and importlib.util.find_spec("tensorboard") is None:
+            refused(p, "--tensorboard needs the tensorboard package")  # and nothing written
+            assert not Path(typed["out"]).exists()
+            continue
+        assert (python, p.returncode) == ("python", 0), f"{line}\n{p.stdout}\n{p.stderr}"
+        done += 1
+        if trains:
+            tiny_keys = {f.lstrip("-").replace("-", "_") for f in flags if f.startswith("--")}
+            for key in {a.lstrip("-").replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}:
+                if key in typed and key not in tiny_keys | {"out", "resume", "sample_every", "dry_run", "max_steps"}:
+                    assert config(typed["out"])[key] == typed[key], (line, key)
+    assert done >= 25, done
