@@ -704,7 +704,7 @@ class BatchSource:
 
 
 def preprocess(batch, args):
-    """uint8 [0, 255] -> float [-1, 1], randomly mirrored with --flip, channels-last like the networks."""
+    """uint8 [0, 255] -> float [-1, 1], randomly mirrored with --flip, in the networks' memory format."""
     x = batch.float().div_(127.5).sub_(1)
     if args.flip:  # on the device, one coin per image, as torchvision's RandomHorizontalFlip
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)

@@ -362,7 +362,7 @@ class BatchSource:
 
 
 def preprocess(batch, args):
-    """uint8 [0, 255] -> float [-1, 1], channels-last like the networks."""
+    """uint8 [0, 255] -> float [-1, 1], in the networks' memory format."""
     return batch.float().div_(127.5).sub_(1).contiguous(memory_format=memory_format(batch.device))
 
 
