@@ -2,17 +2,15 @@
 
 The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434), as in the paper at 64x64:
 transposed convolutions, BatchNorm and ReLU in G, strided convolutions, BatchNorm and LeakyReLU(0.2) in D.
-Images are decoded once into a uint8 cache next to the data; training batches come from that array, on the GPU
-when it fits.
+Images are decoded once into a uint8 cache next to the data; batches come from it, on the GPU when it fits.
 
-Train (about 20 minutes for 10 CelebA epochs on a current GPU):
+Train:
     python dcgan_celeba.py --epochs 10 --size 64                        # ./data/celeba -> runs/celeba64
     python dcgan_celeba.py --data ~/Downloads/img_align_celeba.zip      # the zip, read in place
     python dcgan_celeba.py --data ~/photos --crop 140 --flip            # any folder of images, searched recursively
     python dcgan_celeba.py --dataset cifar10 --size 32                  # torchvision download -> runs/cifar1032
 CPU smoke test, no download, no GPU:
     python dcgan_celeba.py --dataset synthetic --epochs 1 --size 32
-    python dcgan_celeba.py --dataset synthetic --dry-run --out /tmp/smoke
 Continue a run to 20 epochs in total, sample from it, walk its latent space, list and time the networks:
     python dcgan_celeba.py --epochs 20 --resume
     python dcgan_celeba.py --generate 1000
@@ -31,7 +29,7 @@ import copy
 import csv
 import glob
 import hashlib
-import importlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -53,9 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import ExifTags, Image
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 SCRIPT = "dcgan_celeba.py"
@@ -305,8 +301,7 @@ def train_step(m, real, args, step, steps):
         if m.ema is not None:  # warm-up: early on the average must not be mostly the random initialisation
             update_ema(m.ema, m.G, min(args.ema, (1 + step) / (10 + step)))
     m.D.requires_grad_(True)
-    probs = torch.stack([out_real.sigmoid().mean(), out_fake.sigmoid().mean()])
-    return torch.cat([torch.stack([loss_d, loss_g]), probs]).detach()
+    return torch.stack([loss_d, loss_g, out_real.sigmoid().mean(), out_fake.sigmoid().mean()]).detach()
 
 
 def noisy(x, sigma):
@@ -489,7 +484,7 @@ def load_image_folder(args):
     if not entries and args.download and args.dataset == "celeba":
         try:
             socket.setdefaulttimeout(30)  # behind a firewall: fail in 30 s rather than hang
-            torchvision.datasets.CelebA(args.data, split="all", download=True)
+            importlib.import_module("torchvision.datasets").CelebA(args.data, split="all", download=True)
         except Exception as e:  # noqa: BLE001 -- offline, Google Drive quota exceeded, gdown missing...
             die(f"could not download CelebA into {args.data} ({type(e).__name__}: {e}); {HOW_TO_GET['celeba']}")
         source, entries = find_images(args.data)
@@ -594,23 +589,21 @@ def load_dataset(args):
         where = os.path.join(args.data, "cifar-10-batches-py")
         try:
             socket.setdefaulttimeout(30)
-            data = torchvision.datasets.CIFAR10(args.data, train=True, download=True).data[: args.max_images]
+            cifar = importlib.import_module("torchvision.datasets").CIFAR10(args.data, train=True, download=True)
         except Exception as e:  # noqa: BLE001 -- offline, proxy, disk full...
-            die(
-                f"CIFAR-10 is not in {where} and could not be downloaded ({type(e).__name__}: {e}); download "
+            die(f"CIFAR-10 is not in {where} and could not be downloaded ({type(e).__name__}: {e}); download "
                 "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into "
-                f"{args.data}"
-            )
+                f"{args.data}")  # fmt: skip
+        data = cifar.data[: args.max_images]
         print(f"data: {len(data)} images from {show(where)}")
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     return load_image_folder(args)
 
 
 class BatchSource:
-    """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a run resumed mid-epoch
-    sees the very batches it would have seen. The whole set on the GPU when it fits --data-memory (a batch: one gather
-    there), else gathered on the host from the array or the cache's memory map (the OS's reclaimable file cache, not
-    memory the process owns); for CUDA into one pinned buffer copied asynchronously: batch k+1's gather overlaps step k."""
+    """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a resumed run sees the
+    very batches it would have seen. The whole set on the GPU when it fits --data-memory, else gathered on the host from
+    the array or the cache's memory map (reclaimable file cache), for CUDA via a pinned buffer copied asynchronously."""
 
     def __init__(self, data, args, device):
         if len(data) < args.batch_size:
@@ -652,7 +645,7 @@ class BatchSource:
             return self.data[idx]
         if self.device.type != "cuda":  # a fresh tensor (CPU; MPS: copied there): callers may keep batches
             return torch.from_numpy(self.data[idx]).to(self.device)
-        self.copied.synchronize()  # the host waits for batch k's copy out of the buffer, which the GPU runs after step k-1
+        self.copied.synchronize()  # batch k's copy out of the buffer, which the GPU runs after step k-1
         buf = self.staging[: len(idx)]
         np.take(self.data, idx, axis=0, out=buf.numpy(), mode="clip")  # clip: no intermediate copy (idx is valid)
         batch = buf.to(self.device, non_blocking=True)
@@ -692,9 +685,19 @@ def atomic_write(path, write, sync=False):
         die(f"could not write {path}: {cause.strerror or cause}. Files written before are intact.", 1)
 
 
+def tile(images, nrow):
+    """uint8 (N, C, H, W) -> (C, H', W') as torchvision's make_grid: importing torchvision adds 1-2 s to any start."""
+    n, c, h, w = images.shape
+    grid = images.new_zeros(c, 2 + (h + 2) * -(-n // nrow), 2 + (w + 2) * min(n, nrow))
+    for i, image in enumerate(images):
+        y, x = 2 + (h + 2) * (i // nrow), 2 + (w + 2) * (i % nrow)
+        grid[:, y : y + h, x : x + w] = image
+    return grid
+
+
 def save_png(images, path):
     """uint8 (N, C, H, W) as one PNG in the data's own channels: the image when N is 1, else a grid 8 wide."""
-    arr = make_grid(images, nrow=8, padding=2)[: images.size(1)].permute(1, 2, 0).numpy()
+    arr = (images[0] if len(images) == 1 else tile(images, 8)).permute(1, 2, 0).numpy()
     atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
 
 
@@ -880,7 +883,7 @@ def train(args, ck=None):
         "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "numpy": np.__version__},
+                     "torchvision": importlib.metadata.version("torchvision"), "numpy": np.__version__},
     }  # fmt: skip
     atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
     log = Log(args, step, tensorboard)
@@ -969,8 +972,7 @@ def interpolate(args):
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
                 images = to_uint8(G(slerp(a, b, t)[..., None, None]))
-                grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
-                frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
+                frames.append(tile(images, 4).permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
@@ -1009,8 +1011,7 @@ def benchmark(args):
     flops = counter.get_total_flops()
     print(f"benchmark: {args.benchmark} steps x {args.batch_size} images in {dt:.2f} s: "
           f"{args.benchmark * args.batch_size / dt:,.0f} images/s, {flops * args.benchmark / dt / 1e12:.3f} TFLOP/s "
-          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, "
-          f"compile {args.compile})")  # fmt: skip
+          f"({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
 
 
 def main(argv=None):

@@ -41,7 +41,7 @@ import datetime
 import functools
 import glob
 import hashlib
-import importlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -64,10 +64,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import ExifTags, Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 SCRIPT = "dcgan_hires.py"
@@ -144,9 +142,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
     p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
-    tricks = p.add_argument_group(
-        "architecture and training tricks (spectral norm, label smoothing and EMA on by default)"
-    )
+    tricks = p.add_argument_group("architecture and training tricks (spectral norm, label smoothing, EMA: default on)")
     tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
     tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
                         "unless --spectral-norm)")  # fmt: skip
@@ -328,8 +324,7 @@ def train_step(m, real, args, step, steps):
         if m.ema is not None:  # warm-up: early on the average must not be mostly the random initialisation
             update_ema(m.ema, m.G, min(args.ema, (1 + step) / (10 + step)))
     m.D.requires_grad_(True)
-    probs = torch.stack([out_real.sigmoid().mean(), out_fake.sigmoid().mean()])
-    return torch.cat([torch.stack([loss_d, loss_g]), probs]).detach()
+    return torch.stack([loss_d, loss_g, out_real.sigmoid().mean(), out_fake.sigmoid().mean()]).detach()
 
 
 def noisy(x, sigma):
@@ -514,7 +509,7 @@ def load_image_folder(args):
     if not entries and args.download and args.dataset == "celeba":
         try:
             socket.setdefaulttimeout(30)  # behind a firewall: fail in 30 s rather than hang
-            torchvision.datasets.CelebA(args.data, split="all", download=True)
+            importlib.import_module("torchvision.datasets").CelebA(args.data, split="all", download=True)
         except Exception as e:  # noqa: BLE001 -- offline, Google Drive quota exceeded, gdown missing...
             die(f"could not download CelebA into {args.data} ({type(e).__name__}: {e}); {HOW_TO_GET['celeba']}")
         source, entries = find_images(args.data)
@@ -637,18 +632,15 @@ def load_shared(args):
     name = [None]
     dist.broadcast_object_list(name, src=0, group=host_group())
     if not os.path.exists(name[0]):  # several machines, each with its own disk
-        die(
-            f"rank {RANK} cannot see the cache rank 0 built, {name[0]}: put --data and --cache-dir on a file "
-            "system all machines share, or build the cache on each machine first (a --dry-run)"
-        )
+        die(f"rank {RANK} cannot see the cache rank 0 built, {name[0]}: put --data and --cache-dir on a file "
+            "system all machines share, or build the cache on each machine first (a --dry-run)")  # fmt: skip
     return np.load(name[0], mmap_mode="r")
 
 
 class BatchSource:
-    """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a run resumed mid-epoch
-    sees the very batches it would have seen. The whole set on the GPU when it fits --data-memory (a batch: one gather
-    there), else gathered on the host from the array or the cache's memory map (the OS's reclaimable file cache, not
-    memory the process owns); for CUDA into one pinned buffer copied asynchronously: batch k+1's gather overlaps step k.
+    """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a resumed run sees the
+    very batches it would have seen. The whole set on the GPU when it fits --data-memory, else gathered on the host from
+    the array or the cache's memory map (reclaimable file cache), for CUDA into a pinned buffer copied asynchronously.
     DDP: every rank draws the same permutation, and step s takes its next world x batch_size images, each rank its own
     batch_size of them: together the ranks see what one process with a world-times larger batch would."""
 
@@ -695,7 +687,7 @@ class BatchSource:
             return self.data[idx]
         if self.device.type != "cuda":  # a fresh tensor (CPU; MPS: copied there): callers may keep batches
             return torch.from_numpy(self.data[idx]).to(self.device)
-        self.copied.synchronize()  # the host waits for batch k's copy out of the buffer, which the GPU runs after step k-1
+        self.copied.synchronize()  # batch k's copy out of the buffer, which the GPU runs after step k-1
         buf = self.staging[: len(idx)]
         np.take(self.data, idx, axis=0, out=buf.numpy(), mode="clip")  # clip: no intermediate copy (idx is valid)
         batch = buf.to(self.device, non_blocking=True)
@@ -735,9 +727,19 @@ def atomic_write(path, write, sync=False):
         die(f"could not write {path}: {cause.strerror or cause}. Files written before are intact.", 1)
 
 
+def tile(images, nrow):
+    """uint8 (N, C, H, W) -> (C, H', W') as torchvision's make_grid: importing torchvision adds 1-2 s to any start."""
+    n, c, h, w = images.shape
+    grid = images.new_zeros(c, 2 + (h + 2) * -(-n // nrow), 2 + (w + 2) * min(n, nrow))
+    for i, image in enumerate(images):
+        y, x = 2 + (h + 2) * (i // nrow), 2 + (w + 2) * (i % nrow)
+        grid[:, y : y + h, x : x + w] = image
+    return grid
+
+
 def save_png(images, path):
     """uint8 (N, C, H, W) as one PNG in the data's own channels: the image when N is 1, else a grid 8 wide."""
-    arr = make_grid(images, nrow=8, padding=2)[: images.size(1)].permute(1, 2, 0).numpy()
+    arr = (images[0] if len(images) == 1 else tile(images, 8)).permute(1, 2, 0).numpy()
     atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
 
 
@@ -954,7 +956,7 @@ def train(args, ck=None):
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
         "world_size": WORLD, "global_batch_size": args.batch_size * WORLD,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "numpy": np.__version__},
+                     "torchvision": importlib.metadata.version("torchvision"), "numpy": np.__version__},
     }  # fmt: skip
     if RANK == 0:
         atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
@@ -1051,8 +1053,7 @@ def interpolate(args):
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
                 images = to_uint8(G(slerp(a, b, t)[..., None, None]))
-                grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
-                frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
+                frames.append(tile(images, 4).permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
@@ -1092,8 +1093,7 @@ def benchmark(args):
     n = args.benchmark * WORLD  # DDP: every rank took as many steps, the throughput is theirs together
     print(f"benchmark: {args.benchmark} steps x {args.batch_size} images x {WORLD} process(es) in {dt:.2f} s: "
           f"{n * args.batch_size / dt:,.0f} images/s, {flops * n / dt / 1e12:.3f} TFLOP/s "
-          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, "
-          f"compile {args.compile})")  # fmt: skip
+          f"({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
 
 
 def main(argv=None):

@@ -8,7 +8,6 @@ Train (downloads MNIST to ./data; about a minute on a current GPU, a few minutes
     python dcgan_mnist.py --dataset fashion-mnist --epochs 20    # -> runs/fashion-mnist28
 CPU smoke test, no download, no GPU:
     python dcgan_mnist.py --dataset synthetic --epochs 1
-    python dcgan_mnist.py --dataset synthetic --dry-run --out /tmp/smoke
 Continue a run to 20 epochs in total, sample from it, walk its latent space, list and time the networks:
     python dcgan_mnist.py --epochs 20 --resume
     python dcgan_mnist.py --generate 1000
@@ -25,7 +24,7 @@ import argparse
 import contextlib
 import copy
 import csv
-import importlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -43,9 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 SCRIPT = "dcgan_mnist.py"
@@ -267,8 +264,7 @@ def train_step(m, real, args, step, steps):
         if m.ema is not None:  # warm-up: early on the average must not be mostly the random initialisation
             update_ema(m.ema, m.G, min(args.ema, (1 + step) / (10 + step)))
     m.D.requires_grad_(True)
-    probs = torch.stack([out_real.sigmoid().mean(), out_fake.sigmoid().mean()])
-    return torch.cat([torch.stack([loss_d, loss_g]), probs]).detach()
+    return torch.stack([loss_d, loss_g, out_real.sigmoid().mean(), out_fake.sigmoid().mean()]).detach()
 
 
 def noisy(x, sigma):
@@ -326,7 +322,7 @@ def load_dataset(args):
     if args.dataset == "synthetic":
         data, where = synthetic_digits(args.max_images or 6000), "generated in memory"
     else:
-        cls = getattr(torchvision.datasets, DATASETS[args.dataset])
+        cls = getattr(importlib.import_module("torchvision.datasets"), DATASETS[args.dataset])
         raw = os.path.join(args.data, cls.__name__, "raw")
         try:  # torchvision prints a line per failed mirror: one message instead
             socket.setdefaulttimeout(30)
@@ -394,9 +390,19 @@ def to_uint8(x):
     return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
 
 
+def tile(images, nrow):
+    """uint8 (N, C, H, W) -> (C, H', W') as torchvision's make_grid: importing torchvision adds 1-2 s to any start."""
+    n, c, h, w = images.shape
+    grid = images.new_zeros(c, 2 + (h + 2) * -(-n // nrow), 2 + (w + 2) * min(n, nrow))
+    for i, image in enumerate(images):
+        y, x = 2 + (h + 2) * (i // nrow), 2 + (w + 2) * (i % nrow)
+        grid[:, y : y + h, x : x + w] = image
+    return grid
+
+
 def save_png(images, path):
     """uint8 (N, C, H, W) as one PNG in the data's own channels: the image when N is 1, else a grid 8 wide."""
-    arr = make_grid(images, nrow=8, padding=2)[: images.size(1)].permute(1, 2, 0).numpy()
+    arr = (images[0] if len(images) == 1 else tile(images, 8)).permute(1, 2, 0).numpy()
     atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG"))
 
 
@@ -578,7 +584,7 @@ def train(args, ck=None):
         "resolved_device": str(device), "resolved_amp": amp, "data_size": len(batches.data),
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "parameters": params, "resumed_at_step": step,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "numpy": np.__version__},
+                     "torchvision": importlib.metadata.version("torchvision"), "numpy": np.__version__},
     }  # fmt: skip
     atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
     log = Log(args, step, tensorboard)
@@ -667,8 +673,7 @@ def interpolate(args):
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
                 images = to_uint8(G(slerp(a, b, t)[..., None, None]))
-                grid = make_grid(images, nrow=4, padding=2)[: images.size(1)]
-                frames.append(grid.permute(1, 2, 0).squeeze(-1).numpy())
+                frames.append(tile(images, 4).permute(1, 2, 0).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
@@ -706,8 +711,7 @@ def benchmark(args):
     flops = counter.get_total_flops()
     print(f"benchmark: {args.benchmark} steps x {args.batch_size} images in {dt:.2f} s: "
           f"{args.benchmark * args.batch_size / dt:,.0f} images/s, {flops * args.benchmark / dt / 1e12:.3f} TFLOP/s "
-          f"achieved ({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, "
-          f"compile {args.compile})")  # fmt: skip
+          f"({flops / 1e9:.2f} GFLOP per step; device {device}, amp {amp}, compile {args.compile})")  # fmt: skip
 
 
 def main(argv=None):
