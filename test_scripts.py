@@ -3,9 +3,8 @@
 python -m pytest test_scripts.py -q -n auto          # everything (a few minutes on 2 CPU cores)
 python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
 
-Training runs start the scripts as subprocesses (run, start). What a script does before its first training step
-(--help, refusals, --summary, --generate, --interpolate) and most cases of the two helpers go through the same main()
-in this process (call), without the seconds that starting Python with torch takes.
+Training runs start the scripts as subprocesses (run, start); what comes before a first training step (--help, refusals,
+--summary, --generate) and most helper cases go through main() in this process (call), saving the start of a Python.
 """
 
 import argparse
@@ -14,7 +13,6 @@ import contextlib
 import csv
 import glob
 import hashlib
-import importlib
 import importlib.util
 import io
 import itertools
@@ -415,9 +413,8 @@ def test_shared_helpers_are_identical_across_scripts():
 
 
 def test_generate_imports_neither_torchvision_nor_dynamo(tmp_path, dry_run):
-    """torchvision imports torch._dynamo, which doubles the start-up of what builds no optimizer: the scripts draw their
-    own grids and import torchvision only to download a data set. --generate of each script, all three in one fresh
-    process, imports neither."""
+    """torchvision imports torch._dynamo, doubling the start-up of what builds no optimizer: --generate of each script,
+    all three in one fresh process, imports neither (tile() draws the grids; torchvision is for downloads only)."""
     flags = ["--out", tmp_path, "--generate", 1]
     runs = [[str(a) for a in (ROOT / s, "--checkpoint", dry_run(s) / "checkpoint.pt", *flags)] for s in SCRIPTS]
     code = (f"import runpy, sys\nfor sys.argv in {runs!r}:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
@@ -1409,10 +1406,7 @@ def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_pa
     assert config(a)["world_size"] == 2 and config(a)["steps_per_epoch"] == 128 // (8 * 2)  # 16 in one process
     assert check_run(a, 128, 3, steps=40)["epoch"] == 5
     assert [int(r[1]) for r in rows(a)] == [e for e in range(1, 6) for _ in range(8)]
-    assert sorted(f.name for f in (a / "samples").iterdir()) == [
-        *(f"epoch_{e:03d}.png" for e in range(1, 6)),
-        "real.png",
-    ]
+    assert sorted(os.listdir(a / "samples")) == [*(f"epoch_{e:03d}.png" for e in range(1, 6)), "real.png"]
     proc = start(HIRES, *tiny(HIRES, b, *exact), nproc=2)
     assert wait_for(proc, lambda: len(csv_steps(b)) >= 8)
     proc.send_signal(signal.SIGTERM)
@@ -1985,7 +1979,7 @@ def test_gpu_hires_torchrun_nccl_stops_and_resumes_exactly(tmp_path):
 # The README: every command in it runs
 
 README_SKIPPED = {"python -m venv": "set-up", "pip install": "the package index", "tensorboard --logdir": "a server",
-                  "python -m pytest": "this suite", "torchrun": "GPUs (dcgan_hires.py under torchrun on the CPU: below)"}  # fmt: skip
+                  "python -m pytest": "this suite", "torchrun": "GPUs (the CPU: its own tests)"}  # fmt: skip
 MODES = {"--generate": 3, "--interpolate": 2, "--benchmark": 1}  # the count each is given here: a few, not thousands
 
 
