@@ -1364,19 +1364,19 @@ def test_celeba_learns_the_synthetic_faces(tmp_path):
     flat gray is not close to a pale face): a sample looks like a face of the data when its best r is 0.4 or more. Its
     layout: how far the colour of its centre (the face) is from that of its top corners (the background), summed over
     R, G, B; the number of distinct nearest faces: diversity (256 copies of the mean face: r 0.85, layout 0.36, 1
-    face). After 400 steps at 32 x 32, G and D half the default width (35 s on one core), seeds 0, 1 and 2 gave 98%,
-    93% and 100% of the samples like a face, median layouts 0.25, 0.28, 0.38, and 160, 126, 114 distinct nearest
-    faces; an untrained G none, 0.002. G must reach 50%, 0.1 and 32 faces, the untrained G stay under 2% and 0.02."""
+    face). After 300 steps at 32 x 32, G and D half the default width, seeds 0, 1 and 2 gave 100%, 91% and 79% of the
+    samples like a face, median layouts 0.20, 0.12, 0.15, and 77, 71, 152 distinct nearest faces; an untrained G
+    none, 0.002. G must reach 50%, 0.06 and 32 faces, the untrained G stay under 2% and 0.02."""
     flags = [*TINY.split(), "--size", 32, "--ngf", 32, "--ndf", 32, "--batch-size", 32, "--seed", 0]
     faces = d.synthetic_faces(4096, 32).float().div(255).numpy()  # the training set: --max-images is 4096 at 32
-    for images, trained in zip(learning_runs("dcgan_celeba.py", tmp_path, flags, 400, 256), (False, True)):
+    for images, trained in zip(learning_runs("dcgan_celeba.py", tmp_path, flags, 300, 256), (False, True)):
         r = correlations(images, faces)
         like, nearest = (r.max(1) >= 0.4).mean(), len(set(r.argmax(1).tolist()))
         corners = np.concatenate([images[:, :, :4, :4], images[:, :, :4, -4:]], 3).mean((2, 3))
         layout = np.median(np.abs(images[:, :, 12:20, 12:20].mean((2, 3)) - corners).sum(1))
         print(f"trained {trained}: {like:.0%} like a face, layout {layout:.3f}, {nearest} distinct nearest faces")
         if trained:
-            assert like >= 0.5 and layout >= 0.1 and nearest >= 32, (like, layout, nearest)
+            assert like >= 0.5 and layout >= 0.06 and nearest >= 32, (like, layout, nearest)
         else:
             assert like < 0.02 and layout < 0.02, (like, layout)
 
