@@ -1,6 +1,6 @@
 """Tests that run the scripts as a user does: real flags, tiny data, temporary folders, then a look at what they wrote.
 
-python -m pytest test_scripts.py -q -n auto          # everything (a few minutes on 2 CPU cores)
+python -m pytest test_scripts.py -q -n auto          # everything (about 8 minutes on 2 CPU cores)
 python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
 
 Training runs start the scripts as subprocesses (run, start); what comes before a first training step (--help, refusals,
