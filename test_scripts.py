@@ -3,12 +3,14 @@
 python -m pytest test_scripts.py -q -n auto          # everything (about 8 minutes on 2 CPU cores)
 python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
 
-Training runs start the scripts as subprocesses (run, start); what comes before a first training step (--help, refusals,
---summary, --generate) and most helper cases go through main() in this process (call), saving the start of a Python.
+Training runs start the scripts as child processes (run, start), each on Linux forked from a Python that has already
+imported torch (Child); what comes before a first training step (--help, refusals, --summary, --generate) and most
+helper cases go through main() in this process (call). Both save the start of a Python with torch: 4 to 8 s of CPU.
 """
 
 import argparse
 import ast
+import atexit
 import contextlib
 import csv
 import glob
@@ -18,16 +20,17 @@ import io
 import itertools
 import json
 import math
+import multiprocessing.util  # its atexit hook (wait for every child) before ours: ours runs first
 import os
 import pickle
 import random
 import re
-import resource
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -65,12 +68,72 @@ slow = pytest.mark.slow
 
 
 def start(script, *args, nproc=0, **popen):
-    """`python script args` started in the background, unbuffered (a file given as stdout shows how far it got); with
-    nproc, under `torchrun --standalone --nproc_per_node nproc`. popen: Popen's arguments, env the variables to add."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    """`python script args` started in the background (a file given as stdout shows how far it got): a Child, or with
+    nproc, `torchrun --standalone --nproc_per_node nproc`. popen: Popen's stdout, stderr and cwd, env the variables to
+    add, fsize a disk that fills up: no file may grow past fsize bytes, writes fail with EFBIG."""
+    argv = [str(ROOT / script), *map(str, args)]
     popen = {"cwd": ROOT, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     popen["env"] = {**os.environ, "PYTHONUNBUFFERED": "1", **popen.get("env", {})}
-    return subprocess.Popen([sys.executable, *launcher, str(ROOT / script), *map(str, args)], text=True, **popen)
+    if not nproc:
+        return Child(argv, **popen)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.Popen([*launcher, *argv], text=True, **popen)
+
+
+# Linux: fork from a Python that has imported torch. macOS: a fresh Python (fork is unsafe once system libraries run)
+CONTEXT = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
+CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "numpy", "PIL.Image"])  # what the scripts import
+atexit.register(lambda: [p.kill() for p in CONTEXT.active_children()])  # none left behind, even a stopped one
+
+
+class Child:
+    """The Popen of `python argv`, on Linux forked from a Python that has already imported torch (multiprocessing's
+    fork server): its own process, arguments, folder, environment, output files, signals and exit code, but 4 to 8 s
+    of CPU sooner (importing torch, and torch._dynamo, which the optimizers import). The scripts' start in a fresh
+    Python is tried by test_generate_imports_neither_torchvision_nor_dynamo and the torchrun tests."""
+
+    CHILD = """import os, runpy, sys
+os.chdir(cwd)
+os.environ.clear()
+os.environ.update(env)
+for fd, path in (1, out), (2, err):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
+sys.argv = argv
+if fsize:
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+runpy.run_path(argv[0], run_name="__main__")"""
+
+    def __init__(self, argv, cwd, env, stdout, stderr, fsize=0):
+        self.args, self.returncode, self.dir = argv, None, tempfile.mkdtemp()
+        self.pipes = {i: f"{self.dir}/{i}" for i, f in enumerate((stdout, stderr)) if f == subprocess.PIPE}
+        out = self.pipes.get(0) or stdout.name
+        err = out if stderr == subprocess.STDOUT else self.pipes.get(1) or stderr.name
+        context = {"argv": argv, "cwd": str(cwd), "env": env, "out": out, "err": err, "fsize": fsize}
+        self.process = CONTEXT.Process(target=exec, args=(self.CHILD, context))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self):
+        self.returncode = self.process.exitcode
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout=None):
+        self.process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        streams = [Path(self.pipes[i]).read_text() if i in self.pipes else None for i in (0, 1)]
+        shutil.rmtree(self.dir)
+        return streams
 
 
 def finish(proc, ok=True, timeout=300):
@@ -660,16 +723,6 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, f
     assert load(out / "checkpoint.pt")["step"] == FAULT_STEPS
 
 
-def small_disk(limit):
-    """A preexec_fn: no file may grow past `limit` bytes, like a disk that fills up; writes fail with EFBIG."""
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference):
@@ -685,7 +738,7 @@ def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference
     def disk_full_at(out, limit, *words, extra=()):
         good = (out / "checkpoint.pt").read_bytes()
         p = run(script, "--out", out, "--resume", "--max-steps", load(out / "checkpoint.pt")["step"] + 1, *extra, ok=1,
-                preexec_fn=small_disk(limit))  # fmt: skip
+                fsize=limit)  # fmt: skip
         refused(p, "could not write", *words, "intact")
         assert (out / "checkpoint.pt").read_bytes() == good
         assert not list(out.rglob("*.tmp*"))
@@ -722,15 +775,27 @@ def wait_for(proc, condition, freeze=False, timeout=180):
             if not freeze:
                 return True
             proc.send_signal(signal.SIGSTOP)
-            _, status = os.waitpid(proc.pid, os.WUNTRACED)
-            if not os.WIFSTOPPED(status):  # it ended meanwhile
-                proc.returncode = os.waitstatus_to_exitcode(status)
+            if not stopped(proc):  # it ended meanwhile
                 return False
             if condition():
                 return True
             proc.send_signal(signal.SIGCONT)
         assert time.monotonic() < deadline, "timed out waiting for the script"
         time.sleep(0.0005)
+    return False
+
+
+def stopped(proc):
+    """Wait until proc is stopped (True) or has ended (False)."""
+    while proc.poll() is None:
+        with contextlib.suppress(OSError):  # it ended between poll() and here
+            if Path("/proc").exists():
+                state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(") ", 1)[1]
+            else:  # macOS
+                ps = ["ps", "-o", "stat=", "-p", str(proc.pid)]
+                state = subprocess.run(ps, check=False, capture_output=True, text=True).stdout
+            if state.startswith("T"):
+                return True
     return False
 
 
@@ -1183,7 +1248,7 @@ def test_worker_failure_or_interrupted_build_leaves_no_cache(zoo, tmp_path, monk
 def test_full_disk_while_caching_is_one_line_and_leaves_no_cache(zoo, tmp_path):
     folder = fresh_zoo(zoo, tmp_path)
     p = run("dcgan_celeba.py", "--data", folder, "--out", tmp_path / "run", "--dry-run", "--workers", 2, ok=1,
-            preexec_fn=small_disk(20_000))  # fmt: skip
+            fsize=20_000)  # fmt: skip
     refused(p, "could not write the cache", "--cache-dir")
     assert caches(tmp_path) == [] and not list(tmp_path.glob("*.tmp-*")) and not (tmp_path / "run").exists()
 
@@ -1475,7 +1540,7 @@ def training_memory_mb(log, *args):
 def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(tmp_path):
     """--data-memory 0: batches are gathered from the cache file's memory map, whose pages are the OS's file cache,
     not memory the process owns: a whole epoch over a 4x larger cache (+70 MB) takes no more of its own memory
-    (RssAnon) than one over the small cache (measured here: 441 and 440 MB; 462 and 532 MB, +70 MB, when the cache is
+    (RssAnon) than one over the small cache (measured here: 446 and 443 MB; 452 and 534 MB, +70 MB, when the cache is
     read into memory instead). The growth must stay under half of the cache's."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, 128, dtype=np.float32)
@@ -1869,8 +1934,9 @@ def test_optimizers_keep_their_own_fused_setting_and_amp_off_enters_no_autocast(
 
 @slow
 def test_a_second_ctrl_c_stops_at_once_and_leaves_the_checkpoint_whole(tmp_path):
-    proc = start(HIRES, *tiny(HIRES, tmp_path / "run", "--ngf", 64, "--ndf", 64, "--batch-size", 16))  # slow steps
-    assert any(line.startswith("training:") for line in proc.stdout)  # reads up to that line
+    with open(tmp_path / "log", "w") as log:  # slow steps:
+        proc = start(HIRES, *tiny(HIRES, tmp_path / "run", "--ngf", 64, "--ndf", 64, "--batch-size", 16), stdout=log)
+    assert wait_for(proc, lambda: "training:" in (tmp_path / "log").read_text())
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)  # the handler has run: the next SIGINT is the default one
     proc.send_signal(signal.SIGINT)
