@@ -71,6 +71,7 @@ slow = pytest.mark.slow
 CONTEXT = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
 CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "numpy", "PIL.Image"])  # what the scripts import
 atexit.register(lambda: [p.kill() for p in CONTEXT.active_children()])  # none left behind, even a stopped one
+TORCHRUN = importlib.util.find_spec("torch.distributed.run").origin  # what `torchrun` runs
 CHILD = """import os, runpy, sys
 os.chdir(cwd)
 os.environ.clear()
@@ -83,10 +84,7 @@ if fsize:  # a disk that fills up: no file may grow past fsize bytes, writes fai
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 sys.argv = argv
-if argv[0] == "torchrun":
-    runpy.run_module("torch.distributed.run", run_name="__main__")
-else:
-    runpy.run_path(argv[0], run_name="__main__")"""
+runpy.run_path(argv[0], run_name="__main__")"""
 
 
 def start(script, *args, nproc=0, cwd=ROOT, env=(), stdout=None, stderr=None, fsize=0):
@@ -95,11 +93,11 @@ def start(script, *args, nproc=0, cwd=ROOT, env=(), stdout=None, stderr=None, fs
     environment (env: the variables to add) and output, on Linux forked from a Python that has already imported torch:
     4 to 8 s of CPU less than a fresh Python (test_generate_imports_neither_torchvision_nor_dynamo starts one). Its
     output goes to the files stdout and stderr (stderr may be subprocess.STDOUT), or to files that finish() reads."""
-    tmp = None if stdout and stderr else tempfile.mkdtemp()
-    out = stdout.name if stdout else f"{tmp}/stdout"
-    err = out if stderr == subprocess.STDOUT else stderr.name if stderr else f"{tmp}/stderr"
-    argv = [*(["torchrun", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []), str(ROOT / script)]
-    argv += map(str, args)
+    tmp = tempfile.TemporaryDirectory()  # removed with proc
+    out = stdout.name if stdout else f"{tmp.name}/stdout"
+    err = out if stderr == subprocess.STDOUT else stderr.name if stderr else f"{tmp.name}/stderr"
+    launcher = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    argv = [*launcher, str(ROOT / script), *map(str, args)]
     context = {"argv": argv, "cwd": str(cwd), "env": {**os.environ, **dict(env)}, "out": out, "err": err}
     proc = CONTEXT.Process(target=exec, args=(CHILD, context | {"fsize": fsize}))
     proc.start()
@@ -112,13 +110,10 @@ def finish(proc, ok=True, timeout=300):
     proc.join(timeout)
     assert proc.exitcode is not None, f"still running after {timeout} s: {proc.args}"
     out, err = (path and Path(path).read_text() for path in proc.outputs)
-    if proc.tmp:
-        shutil.rmtree(proc.tmp)
     return checked(subprocess.CompletedProcess(proc.args, proc.exitcode, out, err), ok)
 
 
-def send(proc, *signals):
-    """Send each signal to proc, unless it has ended."""
+def send(proc, *signals):  # each to proc, unless it has ended
     for sig in signals:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
@@ -540,7 +535,7 @@ def test_amp_auto_and_device_auto(script, monkeypatch, capsys):
     assert e.value.code == 2 and "error: --device cuda: not available on this machine" in capsys.readouterr().err
 
 
-def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
+def test_label_smoothing_targets_float32_losses_under_bf16_and_instance_noise_schedules(tmp_path, monkeypatch):
     seen = []
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
@@ -554,13 +549,10 @@ def test_label_smoothing_targets_and_losses_are_float32_under_bf16(monkeypatch):
     m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)
     assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
     assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
-
-
-def test_instance_noise_annealed_or_constant(tmp_path, monkeypatch):
     sigmas = {}
     for schedule in ("anneal", "constant"):
-        seen = sigmas[schedule] = []
-        monkeypatch.setattr(m, "noisy", lambda x, sigma, seen=seen: seen.append(sigma) or x)
+        got = sigmas[schedule] = []
+        monkeypatch.setattr(m, "noisy", lambda x, sigma, got=got: got.append(sigma) or x)
         call("dcgan_mnist.py", *tiny("dcgan_mnist.py", tmp_path / schedule, "--epochs", 1, "--instance-noise", 0.5,
                                      "--noise-schedule", schedule))  # in this process, to see every sigma  # fmt: skip
         assert load(tmp_path / schedule / "checkpoint.pt")["args"]["noise_schedule"] == schedule
@@ -610,31 +602,22 @@ def test_bad_argument_values_are_argparse_errors(script, tmp_path):
         assert p.stderr.splitlines()[-1].startswith(f"{script}: error: argument {flag}: "), p.stderr
 
 
-@pytest.mark.parametrize("script", TRAIN_LOOPS)  # the refusal is in train(), dcgan_celeba.py's is mnist's
-def test_existing_run_is_never_clobbered(script, tmp_path, fault_reference):
-    """A new run into a finished run's --out is refused whatever its flags (a dry run, other --epochs, --max-steps,
-    --seed): checkpoint, losses, config and samples stay byte for byte as they were. (--generate there writes only
-    generated/: test_generate_interpolate_summary_benchmark.)"""
-    out = copy_run(fault_reference(script), tmp_path)
-    before = digest(out)
-    p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
-    refused(p, "--resume", "--out", str(out))
-    refused(call(script, *tiny(script, out, "--dry-run"), ok=2), "--resume", "--out", str(out))
-    assert digest(out) == before
-
-
 class Payload:  # unpickling this would run a shell command
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['PWNED']}",))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_resume_refuses_other_architecture_and_bad_checkpoints(script, tmp_path, fault_reference, monkeypatch):
-    """--resume with other architecture arguments, and --resume, --generate or --interpolate with a checkpoint that is
+def test_refusals_that_leave_a_run_untouched(script, tmp_path, fault_reference, monkeypatch):
+    """A new run into a finished run's --out, whatever its flags (a dry run, other --epochs, --max-steps, --seed);
+    --resume with other architecture arguments; --resume, --generate or --interpolate with a checkpoint that is
     missing, truncated, not a checkpoint, another script's, or a pickle that would run code: exit 2, one line, nothing
-    written, nothing in the file executed. (In this process: these refusals come before any data or model.)"""
+    written, nothing in the file executed (mostly in this process: these refusals come before any data or model)."""
     out = copy_run(fault_reference(script), tmp_path)
     before = digest(out)
+    p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
+    refused(p, "--resume", "--out", str(out))
+    refused(call(script, *tiny(script, out, "--dry-run"), ok=2), "--resume", "--out", str(out))
     p = call(script, *tiny(script, out, "--resume", "--nz", 50, "--ngf", 16), ok=2)
     flags = SCRIPTS[script][2]
     refused(p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16")
@@ -1203,22 +1186,20 @@ def interrupted_chunk(names, decode_chunk=d.decode_chunk):
     return decode_chunk(names)
 
 
-@pytest.mark.parametrize("failure", [failing_chunk, interrupted_chunk])
-def test_worker_failure_or_interrupted_build_leaves_no_cache(zoo, tmp_path, monkeypatch, failure):
+@pytest.mark.parametrize("failure", [failing_chunk, interrupted_chunk, "full disk"])
+def test_a_failed_cache_build_leaves_no_cache(zoo, tmp_path, monkeypatch, failure):
+    """A decoding process fails or is interrupted: the error goes on. The disk fills up: one line, exit 1, no run."""
     folder = fresh_zoo(zoo, tmp_path)
-    monkeypatch.setattr(d, "decode_chunk", failure)
-    with pytest.raises((RuntimeError, KeyboardInterrupt)):
-        d.load_dataset(make_args(folder, workers=2, size=256))
-    assert caches(tmp_path) == []
-
-
-@slow
-def test_full_disk_while_caching_is_one_line_and_leaves_no_cache(zoo, tmp_path):
-    folder = fresh_zoo(zoo, tmp_path)
-    p = run("dcgan_celeba.py", "--data", folder, "--out", tmp_path / "run", "--dry-run", "--workers", 2, ok=1,
-            fsize=20_000)  # fmt: skip
-    refused(p, "could not write the cache", "--cache-dir")
-    assert caches(tmp_path) == [] and not list(tmp_path.glob("*.tmp-*")) and not (tmp_path / "run").exists()
+    if failure == "full disk":
+        p = run("dcgan_celeba.py", "--data", folder, "--out", tmp_path / "run", "--dry-run", "--workers", 2, ok=1,
+                fsize=20_000)  # fmt: skip
+        refused(p, "could not write the cache", "--cache-dir")
+        assert not (tmp_path / "run").exists()
+    else:
+        monkeypatch.setattr(d, "decode_chunk", failure)
+        with pytest.raises((RuntimeError, KeyboardInterrupt)):
+            d.load_dataset(make_args(folder, workers=2, size=256))
+    assert caches(tmp_path) == [] and not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_stale_build_files_removed_and_an_unwritable_cache_folder_falls_back(zoo, tmp_path, monkeypatch, capsys):
@@ -1424,7 +1405,9 @@ HIRES = "dcgan_hires.py"
 def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_path):
     """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process.
     Stopped by a SIGTERM to torchrun, which passes it on to both ranks (they agree on a step, rank 0 saves), and
-    resumed under torchrun with no other argument than --resume: the run is the one never stopped, bit for bit."""
+    resumed under torchrun with no other argument than --resume: the run is the one never stopped, bit for bit. What a
+    rank refuses before it joins the others, each rank alike (tried on one, in the environment torchrun gives it):
+    --generate (one process), --sync-bn on CPUs."""
     a, b = tmp_path / "a", tmp_path / "b"
     exact = ["--max-images", 128, "--epochs", 5, "--log-every", 2]  # 8 steps an epoch, 40 in all
     p = run(HIRES, *tiny(HIRES, a, *exact), nproc=2)
@@ -1450,15 +1433,8 @@ def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_pa
     assert_same_run(b, a, 128, 3, 40)
     call(HIRES, "--out", b, "--generate", 2)  # a DDP checkpoint is a plain one (nothing trains: in this process)
     assert Image.open(b / "generated" / "000001.png").size == (128, 128)
-
-
-@slow
-def test_hires_torchrun_refusals_are_clean(tmp_path, dry_run):
-    """What a rank of `torchrun --nproc_per_node 2` refuses before it joins the others, each rank alike: --generate
-    (one process), --sync-bn on CPUs. Tried on one rank, in the environment torchrun gives it."""
     rank = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
-    ckpt = dry_run(HIRES) / "checkpoint.pt"
-    p = run(HIRES, "--checkpoint", ckpt, "--out", tmp_path / "run", "--generate", 1, ok=2, env=rank)
+    p = run(HIRES, "--checkpoint", b / "checkpoint.pt", "--out", tmp_path / "run", "--generate", 1, ok=2, env=rank)
     refused(p, "runs in one process")
     p = run(HIRES, *tiny(HIRES, tmp_path / "sync", "--dry-run", "--sync-bn"), ok=2, env=rank)
     refused(p, "--sync-bn needs CUDA GPUs")
@@ -1623,24 +1599,10 @@ def test_gif_frames_in_numeric_order_with_fps_hold_last_and_loop(tmp_path):
     assert len(gif_frames(tmp_path / "one.gif")[0]) == 1
 
 
-def test_gif_first_n_images_retiled(tmp_path):
-    """--first 16 of a gray grid: a 4 x 4 grid; --first 12: 4 x 3, as square as it goes; the cells in order."""
-    make_run(tmp_path / "r", epochs=2, mode="L")
-    for n, (cols, rows) in ((16, (4, 4)), (12, (4, 3))):
-        call("make_gif.py", tmp_path / "r", "--first", n)
-        with Image.open(tmp_path / "r" / "training.gif") as im:
-            assert im.n_frames == 2 and im.size == (cols * (GRID_SIZE + 2) + 2, rows * (GRID_SIZE + 2) + 2)
-            im.seek(1)
-            gray = im.convert("L")
-        for i in range(n):  # cell i of the source lands at row i // cols, column i % cols
-            x, y = 3 + (i % cols) * (GRID_SIZE + 2), 3 + (i // cols) * (GRID_SIZE + 2)
-            assert gray.getpixel((x, y)) == cell_value(2, i), (n, i)
-        assert gray.getpixel((1, 1)) == 0  # the padding keeps the border colour
-
-
-def test_gif_label_max_size_steps_patterns_and_files(tmp_path):
+def test_gif_label_max_size_steps_patterns_files_and_first(tmp_path):
     """--label: a band above each frame with white text; --max-size; --steps; a glob pattern (in numeric order); files
-    named one by one (in their order)."""
+    named one by one (in their order). --first 16 of a gray grid: a 4 x 4 grid; --first 12: 4 x 3, as square as it
+    goes; the cells in order."""
     samples = make_run(tmp_path / "r", epochs=3, steps=(500, 1000, 1500, 2000)) / "samples"
     call("make_gif.py", tmp_path / "r", "--out", tmp_path / "plain.gif")
     call("make_gif.py", tmp_path / "r", "--label", "--out", tmp_path / "label.gif")
@@ -1661,6 +1623,18 @@ def test_gif_label_max_size_steps_patterns_and_files(tmp_path):
     assert [f[2] for f in gif_frames(tmp_path / "glob.gif")[0]] == [cell_value(2, 0), cell_value(3, 0)]
     call("make_gif.py", samples / "epoch_003.png", samples / "epoch_001.png")  # files named one by one keep their order
     assert [f[2] for f in gif_frames(tmp_path / "r" / "training.gif")[0]] == [cell_value(3, 0), cell_value(1, 0)]
+
+    make_run(tmp_path / "gray", epochs=2, mode="L")
+    for n, (cols, rows) in ((16, (4, 4)), (12, (4, 3))):
+        call("make_gif.py", tmp_path / "gray", "--first", n)
+        with Image.open(tmp_path / "gray" / "training.gif") as im:
+            assert im.n_frames == 2 and im.size == (cols * (GRID_SIZE + 2) + 2, rows * (GRID_SIZE + 2) + 2)
+            im.seek(1)
+            gray = im.convert("L")
+        for i in range(n):  # cell i of the source lands at row i // cols, column i % cols
+            x, y = 3 + (i % cols) * (GRID_SIZE + 2), 3 + (i // cols) * (GRID_SIZE + 2)
+            assert gray.getpixel((x, y)) == cell_value(2, i), (n, i)
+        assert gray.getpixel((1, 1)) == 0  # the padding keeps the border colour
 
 
 def test_gif_refusals(tmp_path):
@@ -1762,7 +1736,7 @@ def test_plot_two_runs_legend_log_and_default_out(tmp_path, monkeypatch):
     assert top.get_yscale() == "log" and bottom.get_yscale() == "linear" and epoch_lines(top) == [25, 50, 75]
 
 
-def test_plot_refusals_and_runs_without_rows(tmp_path, monkeypatch):
+def test_plot_refusals_runs_without_rows_and_a_truncated_last_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "losses.csv").write_text(HEADER + "\n")
     refused(call("plot_losses.py", tmp_path / "empty", ok=2), "no rows yet")
@@ -1776,9 +1750,6 @@ def test_plot_refusals_and_runs_without_rows(tmp_path, monkeypatch):
         p = call("plot_losses.py", tmp_path / "good", flag, *value, ok=2)
         assert p.stderr.startswith("usage: ") and p.stderr.splitlines()[-1].startswith("plot_losses.py: error: ")
         assert flag in p.stderr.splitlines()[-1]
-
-
-def test_plot_skips_a_truncated_last_line(tmp_path):
     for tail in ("101,5,0.5\n", "101,5,0.5,1.2,0.6,0.4"):  # missing columns, no newline: a writer caught mid-line
         path = losses_csv(tmp_path / "r" / "losses.csv", tail=tail)
         p = call("plot_losses.py", path, "--out", tmp_path / "t.png")
