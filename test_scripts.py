@@ -1,6 +1,6 @@
 """Tests that run the scripts as a user does: real flags, tiny data, temporary folders, then a look at what they wrote.
 
-python -m pytest test_scripts.py -q -n auto          # everything (about 8 minutes on 2 CPU cores)
+python -m pytest test_scripts.py -q -n auto          # everything (about 3 minutes on 2 CPU cores)
 python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
 
 Training runs start the scripts as child processes (run, start), each on Linux forked from a Python that has already
