@@ -4,8 +4,8 @@ python -m pytest test_scripts.py -q -n auto          # everything (about 3 minut
 python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
 
 Training runs start the scripts as child processes (run, start), each on Linux forked from a Python that has already
-imported torch; what comes before a first training step (--help, refusals, --summary, --generate) and most
-helper cases go through main() in this process (call). Both save the start of a Python with torch: 4 to 8 s of CPU.
+imported torch; what comes before a first training step (--help, refusals, --summary, --generate) and most helper
+cases go through main() in this process (call). Both save the start of a Python with torch: 4 to 8 s of CPU.
 """
 
 import argparse
