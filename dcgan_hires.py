@@ -640,7 +640,7 @@ def load_shared(args):
 class BatchSource:
     """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a resumed run sees the
     very batches it would have seen. The whole set on the GPU when it fits --data-memory, else gathered on the host from
-    the array or the cache's memory map (reclaimable file cache), for CUDA into a pinned buffer copied asynchronously.
+    the array or the cache's memory map (reclaimable file cache), for CUDA via a pinned buffer copied asynchronously.
     DDP: every rank draws the same permutation, and step s takes its next world x batch_size images, each rank its own
     batch_size of them: together the ranks see what one process with a world-times larger batch would."""
 
