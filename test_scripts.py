@@ -487,8 +487,7 @@ def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypa
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, tmp_path, dry_run):
-    """The flags typed with --resume win; the first resume is of a checkpoint written before --g-act and --d-norm
-    existed: missing keys mean ReLU and BatchNorm unless spectral norm."""
+    """The flags typed with --resume win; on a checkpoint older than --g-act and --d-norm, ReLU and BatchNorm."""
     out = copy_run(dry_run(script), tmp_path)
     ck = load(out / "checkpoint.pt")
     del ck["args"]["g_act"], ck["args"]["d_norm"]
@@ -692,8 +691,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, f
 def test_unwritable_out_and_full_disk(script, tmp_path, dry_run, fault_reference):
     """An --out that cannot be made: exit 1, one line, before any training step. The disk fills while the checkpoint,
     the sample grid or the losses.csv row of the next step is written: exit 1 and one line naming the file, the
-    previous checkpoint untouched, no temporary file left; and the run resumes where it was, the rows after its
-    checkpoint dropped."""
+    previous checkpoint untouched, no temporary file left; the run resumes where it was, later rows dropped."""
     size, nc, _ = SCRIPTS[script]
     (tmp_path / "file").write_text("not a folder")
     p = call(script, *tiny(script, tmp_path / "file" / "run", "--dry-run"), ok=1)  # --out names a file: in this process
@@ -768,7 +766,7 @@ def test_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script
     """SIGKILL a run (--save-every 1: a checkpoint every step) at 5 moments, each start resuming the last one's
     checkpoint: while a first run loads its data (nothing written yet), as its first checkpoint appears, while a resume
     rewrites config.json and losses.csv, in the middle of a checkpoint write (its temporary file is left behind), and
-    1 to 6 steps into training; a kill that missed its moment is tried again. After every kill the checkpoint loads
+    2 to 6 steps into training; a kill that missed its moment is tried again. After every kill the checkpoint loads
     and the rows it covers are in losses.csv; after the last, --resume completes the run as if it was never
     interrupted and leaves no temporary file behind."""
     size, nc, _ = SCRIPTS[script]
@@ -789,8 +787,8 @@ def test_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script
                 hit = wait_for(proc, lambda t0=t0: newer(out / "config.json", t0))
             elif moment == "write":  # between the open() of this process's temporary checkpoint and its rename
                 hit = wait_for(proc, tmp.exists, freeze=True)
-            else:  # 1 to 6 steps into this process's training (its losses.csv rewritten), then up to 30 ms more
-                target = step + rng.randint(1, 6)
+            else:  # 2 to 6 steps into this process's training (its losses.csv rewritten), then up to 30 ms more
+                target = step + rng.randint(2, 6)
                 hit = wait_for(proc, lambda t0=t0, n=target: newer(out / "losses.csv", t0) and n in csv_steps(out))
                 time.sleep(rng.uniform(0, 0.03))
             proc.kill()
@@ -801,6 +799,7 @@ def test_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script
                 assert ck["step"] >= step and {"generator", "discriminator", "opt_g", "opt_d"} <= ck.keys()
                 step = ck["step"]
                 assert csv_steps(out)[:step] == list(range(1, step + 1))  # later rows are dropped on resume
+                assert step >= max(csv_steps(out), default=1) - 1  # a step's row, then its checkpoint, every step
             else:  # killed before its first checkpoint: no run there yet, and a fresh start is accepted
                 assert not (out / "losses.csv").exists() and not (out / "config.json").exists()
             if moment == "loading" and out.exists():  # too late: something was written; the next try starts afresh
@@ -903,8 +902,7 @@ def test_mnist_offline_download_fails_cleanly(tmp_path, monkeypatch):
 
 
 def generated(script, run_dir, n):
-    """--generate n from the run in run_dir -> (n, channels, size, size) floats in [0, 1], as written. Nothing trains:
-    in this process."""
+    """--generate n from run_dir, in this process -> (n, channels, size, size) floats in [0, 1], as written."""
     call(script, "--out", run_dir, "--generate", n)
     files = sorted(Path(run_dir, "generated").iterdir())
     images = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in files])
@@ -1101,8 +1099,7 @@ def test_exif_orientation_turns_photos_upright(module, tmp_path):
 def test_cache_is_reused_and_rebuilt_when_its_source_changes(zoo, tmp_path, capsys, monkeypatch):
     """The decoded images are cached beside the data and reused without decoding; a damaged one is rebuilt. A file
     added, touched or removed, a zip's member changed (same name and size), --crop, --max-images, or a new version of
-    the cache format: another cache, built, and the stale one of the same source removed; the same source again finds
-    its cache again."""
+    the cache format: another cache, built, and the stale one of the same source removed; the same source, its cache."""
     folder = fresh_zoo(zoo, tmp_path)
     zipped = make_zip(folder, tmp_path / "zoo.zip")
 
@@ -1717,7 +1714,10 @@ def test_plot_single_run_size_and_summary(tmp_path, monkeypatch):
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # something was drawn
     words = final_line(p.stdout, str(tmp_path / "r")).split()
     assert words[1:3] == ["step", "100"] and words[3::2] == ["loss_d", "loss_g", "d_real", "d_fake"]
-    assert 0.3 < float(words[8]) < 0.7  # smoothed d_real stays inside the range of its raw values
+    raw, smooth = (line.get_ydata() for line in top.lines[:2])  # loss_d: raw values (faint), their debiased average
+    w = np.tril(0.9 ** np.subtract.outer(np.arange(100), np.arange(100)))  # row i: 0.9^(i - j) for the rows j <= i
+    assert list(raw) == [float(r[2]) for r in rows(tmp_path / "r")] and top.lines[0].get_alpha() == 0.25
+    assert smooth == pytest.approx(w @ raw / w.sum(1)) and float(words[4]) == pytest.approx(smooth[-1], rel=1e-2)
     assert top.get_yscale() == "linear" and epoch_lines(top) == epoch_lines(bottom) == [25, 50, 75]
     assert [t.get_text() for t in top.get_legend().get_texts()] == ["loss_d", "loss_g"]
 
