@@ -125,8 +125,7 @@ def run(script, *args, ok=True, timeout=300, **options):
 
 
 def stop(proc, sig, code=None):
-    """Send sig to proc, then SIGCONT (a process stopped by wait_for handles sig where it stood), and wait for its end:
-    exit `code` (default 128 + sig)."""
+    """Send sig, then SIGCONT (a process stopped by wait_for handles sig where it stood); exit code or 128 + sig."""
     send(proc, sig, signal.SIGCONT)
     return finish(proc, 128 + sig if code is None else code, timeout=120)
 
@@ -240,9 +239,8 @@ def digest(folder):
 
 
 def made_once(*flags):
-    """A fixture: get(script) -> the run directory of `script` with tiny(script, ..., *flags), made once per test
-    session and shared by its processes (pytest -n), its stdout in stdout.txt beside it. Tests read it; a test that
-    changes it works on a copy (copy_run)."""
+    """A fixture: get(script) -> the run directory of tiny(script, ..., *flags), made once per session and shared by
+    the workers (pytest -n), its stdout in stdout.txt beside it. Tests read it, or change a copy (copy_run)."""
 
     @pytest.fixture(scope="module")
     def fixture(tmp_path_factory):
@@ -372,11 +370,10 @@ def test_generate_interpolate_summary_benchmark_and_every_image_from_the_ema(scr
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_training_trick_takes_effect(script, tmp_path):
-    """Every trick at once, for 3 steps. Each is recorded in config.json and in the checkpoint, and shows where it can
-    be seen from outside: spectral norm's parametrizations in D's weights, no BatchNorm in D (--d-norm none), SGD's
-    momentum buffers in D's optimizer, Adam's moments and two steps per step in G's (--g-steps 2), the learning rates,
-    EMA weights apart from G's; in --summary, LeakyReLU in G and spatial dropout in D. A --resume that types another
-    --g-act or --d-norm is refused."""
+    """Every trick at once, for 3 steps: in config.json, in the checkpoint, and where it shows: spectral norm on every
+    conv of D, no BatchNorm in D, SGD's momentum in D's optimizer, two Adam steps a step in G's (--g-steps 2), the
+    learning rates, EMA weights apart from G's; in --summary, LeakyReLU in G, dropout in D. --resume refuses another
+    --g-act or --d-norm."""
     size, nc, flags = SCRIPTS[script]
     tricks = {"label_smoothing": 0.1, "instance_noise": 0.1, "noise_schedule": "constant", "g_steps": 2,
               "d_optim": "sgd", "spectral_norm": True, "d_dropout": 0.2, "clip_grad": 1.0, "ema": 0.99, "lr_g": 4e-4,
@@ -387,7 +384,8 @@ def test_every_training_trick_takes_effect(script, tmp_path):
     run(script, *tiny(script, tmp_path / "run", "--max-steps", 3, *typed))
     ck = check_run(tmp_path / "run", size, nc, steps=3)
     assert {k: config(tmp_path / "run")[k] for k in tricks} == tricks == {k: ck["args"][k] for k in tricks}
-    assert any(k.endswith("parametrizations.weight.original") for k in ck["discriminator"])
+    assert any(k.endswith("parametrizations.weight.original") for k in ck["discriminator"])  # and no plain weight:
+    assert not any(k.endswith(".weight") for k in ck["discriminator"])  # --d-norm none, so every conv's is normed
     assert not any("running_mean" in k for k in ck["discriminator"])
     (opt_g,), (opt_d,) = ck["opt_g"]["param_groups"], ck["opt_d"]["param_groups"]
     assert (opt_g["lr"], opt_d["lr"], opt_d["momentum"]) == (4e-4, 1e-4, 0.9)
@@ -439,6 +437,9 @@ MAY_DIFFER_DDP = MAY_DIFFER | {"setup", "train", "main", "Log"}
 def test_shared_helpers_are_identical_across_scripts():
     def definitions(script):
         src = (ROOT / script).read_text()
+        imports = [n.module or "" if isinstance(n, ast.ImportFrom) else n.names[0].name
+                   for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))]  # fmt: skip
+        assert not [i for i in imports if i.startswith(("dcgan_", "make_gif", "plot_losses"))], script  # standalone
         return {n.name: ast.get_source_segment(src, n) for n in ast.parse(src).body if hasattr(n, "name")}
 
     scripts = {s: definitions(s) for s in SCRIPTS}
@@ -529,6 +530,10 @@ def test_amp_auto_and_device_auto(script, monkeypatch, capsys):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
         assert module.setup(auto)[0].type == want
+    bf16 = "bf16" if os.path.exists("/proc/cpuinfo") else "off"  # a CPU with native bf16, read from /proc/cpuinfo
+    for flags, want in (("avx2 avx512f", "off"), ("avx2 avx512_bf16", bf16), ("amx_bf16", bf16)):
+        monkeypatch.setattr(module, "Path", lambda path, f=flags: SimpleNamespace(read_text=lambda: f"flags: {f}"))
+        assert module.setup(SimpleNamespace(**vars(auto) | {"device": "cpu", "amp": "auto"}))[1] == want
     with pytest.raises(SystemExit) as e:
         module.setup(SimpleNamespace(**vars(auto) | {"device": "cuda"}))
     assert e.value.code == 2 and "error: --device cuda: not available on this machine" in capsys.readouterr().err
@@ -539,14 +544,16 @@ def test_label_smoothing_targets_float32_losses_under_bf16_and_instance_noise_sc
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
     def spy(logits, target):
-        seen.append((logits.dtype, target.dtype, target.flatten()[0].item()))
+        seen.append((logits.dtype, target.dtype, target.flatten()[0].item(), logits.detach()))
         return bce(logits, target)
 
     monkeypatch.setattr(m.F, "binary_cross_entropy_with_logits", spy)
     args, _ = m.parse_args(["--dataset", "synthetic", "--ngf", "4", "--ndf", "4", "--label-smoothing", "0.1"])
     net = m.build(args, torch.device("cpu"), "bf16")
-    m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)
+    stats = m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)  # d_real, d_fake: D's before its update
+    assert torch.equal(stats[2:], torch.stack([seen[0][3].sigmoid().mean(), seen[1][3].sigmoid().mean()]))
     assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
+    assert m.noisy(x := torch.zeros(100_000), 0) is x and m.noisy(x, 0.5).std().item() == pytest.approx(0.5, rel=0.02)
     assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
     sigmas = {}
     for schedule in ("anneal", "constant"):
@@ -617,9 +624,12 @@ def test_refusals_that_leave_a_run_untouched(script, tmp_path, fault_reference, 
     p = run(script, *tiny(script, out, "--epochs", 3, "--max-steps", 5, "--save-every", 1, "--seed", 1), ok=2)
     refused(p, "--resume", "--out", str(out))
     refused(call(script, *tiny(script, out, "--dry-run"), ok=2), "--resume", "--out", str(out))
-    p = call(script, *tiny(script, out, "--resume", "--nz", 50, "--ngf", 16), ok=2)
-    flags = SCRIPTS[script][2]
-    refused(p, "--nz 100 (checkpoint) vs 50", f"--ngf {flags[flags.index('--ngf') + 1]} (checkpoint) vs 16")
+    flags, sn, size = SCRIPTS[script][2], script == HIRES, {"dcgan_celeba.py": 64, HIRES: 256}.get(script)
+    other = ["--nz", 50, "--ngf", 16, "--ndf", 16, "--no-spectral-norm" if sn else "--spectral-norm"]  # sn: the run's
+    words = [f"--{k} {flags[flags.index('--' + k) + 1]} (checkpoint) vs {v}" for k, v in [("ngf", 16), ("ndf", 16),
+             ("size", size)] if v]  # fmt: skip
+    refused(call(script, *tiny(script, out, "--resume", *other, *["--size", size] * bool(size)), ok=2), *words,
+            "--nz 100 (checkpoint) vs 50", f"--spectral-norm {sn} (checkpoint) vs {not sn}")  # fmt: skip
     assert digest(out) == before
     refused(call(script, "--out", tmp_path / "empty", "--resume", ok=2), "no checkpoint at")
     good = (out / "checkpoint.pt").read_bytes()
@@ -651,10 +661,9 @@ def test_refusals_that_leave_a_run_untouched(script, tmp_path, fault_reference, 
 @slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_signal_finishes_the_step_saves_and_resumes_exactly(script, tmp_path, fault_reference):
-    """Ctrl-C (SIGINT) while training: the step finishes, checkpoint and samples are written, exit 130 with the
-    command that resumes. --resume, given no other argument than --max-steps, continues from the step it names;
-    stopped there by SIGTERM (exit 143) and resumed to the end, the run is the run never stopped, bit for bit (on a
-    CPU, without --deterministic)."""
+    """Ctrl-C (SIGINT) while training: the step finishes, checkpoint and samples are written, exit 130 with the step
+    and the command that resumes. --resume continues from that step; stopped there by SIGTERM (exit 143) and resumed
+    to the end, the run is the run never stopped, bit for bit (on a CPU, without --deterministic)."""
     size, nc, _ = SCRIPTS[script]
     out, stopped = tmp_path / "run", 0
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -662,6 +671,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(script, tmp_path, fa
         proc = start(script, *args, "--max-steps", FAULT_STEPS)
         assert wait_for(proc, lambda last=stopped: max(csv_steps(out), default=0) > last)  # this run's rows
         p = stop(proc, sig)
+        assert f"{sig.name}: stopped after step {check_run(out, size, nc)['step']};" in p.stdout
         assert "--resume" in p.stdout and (not stopped or f"resume: step {stopped} " in p.stdout), p.stdout
         stopped = check_run(out, size, nc)["step"]
         assert 0 < stopped < FAULT_STEPS - 4
@@ -766,9 +776,8 @@ def test_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script
     """SIGKILL a run (--save-every 1: a checkpoint every step) at 5 moments, each start resuming the last one's
     checkpoint: while a first run loads its data (nothing written yet), as its first checkpoint appears, while a resume
     rewrites config.json and losses.csv, in the middle of a checkpoint write (its temporary file is left behind), and
-    2 to 6 steps into training; a kill that missed its moment is tried again. After every kill the checkpoint loads
-    and the rows it covers are in losses.csv; after the last, --resume completes the run as if it was never
-    interrupted and leaves no temporary file behind."""
+    2 to 6 steps into training; a kill that missed its moment is tried again. After every kill the checkpoint loads, at
+    most a step behind losses.csv; after the last, --resume completes the run as if never stopped, no temporary left."""
     size, nc, _ = SCRIPTS[script]
     out, ckpt, log = tmp_path / "run", tmp_path / "run" / "checkpoint.pt", tmp_path / "stdout.txt"
     args = tiny(script, out, *FAULT_EXACT, "--max-steps", FAULT_STEPS, "--save-every", 1)
@@ -948,10 +957,9 @@ def test_mnist_learns_the_synthetic_digits(tmp_path):
 
 
 def make_image_zoo(folder):
-    """Write, in nested subfolders of `folder`, one file of every kind the loader must read (odd-sized JPEG and PNG,
-    gray 8 and 16 bit, gray+alpha, RGBA, palette with transparency, CMYK JPEG, BMP, WebP) and three it must skip
-    (truncated JPEG, zero-byte .jpg, text named .jpg), plus files it must ignore. Returns (readable, unreadable):
-    sorted relative names."""
+    """Write, in nested subfolders of `folder`, a file of every kind the loader must read (odd-sized JPEG and PNG,
+    gray 8 and 16 bit, gray+alpha, RGBA, palette with transparency, CMYK JPEG, BMP, WebP), three it must skip
+    (truncated JPEG, zero-byte .jpg, text named .jpg) and some to ignore -> sorted (readable, unreadable) names."""
     rng = np.random.default_rng(0)
 
     def rgb(w, h):
@@ -1045,8 +1053,7 @@ def test_folders_zips_and_celeba_roots_give_the_same_images_in_both_scripts(zoo,
 
 def test_decode_image_modes_draft_and_crop(zoo, tmp_path):
     """Every mode becomes RGB at the size asked for (transparency on white, 16-bit gray scaled, CMYK converted); a JPEG
-    decoded at a fraction of its size (draft) is the full decode, resized; --crop N: the centred N x N of the original
-    first, from the PNG and from the JPEG."""
+    decoded at a fraction of its size (draft) is the full decode, resized; --crop N: the centred N x N first (both)."""
     folder, good, _ = zoo
     for name in good:
         x = d.decode_image(os.path.join(folder, name), 24)
@@ -1075,9 +1082,8 @@ def test_decode_image_modes_draft_and_crop(zoo, tmp_path):
 @BOTH
 def test_exif_orientation_turns_photos_upright(module, tmp_path):
     """Cameras store a photo as the sensor saw it, with an EXIF Orientation tag (1 to 8: turns and mirror images) that
-    says how to show it upright. Stored: 400 x 240, red top left, green top right, blue bottom half, so that no two
-    of the 8 upright views look alike. Each is decoded as Pillow's exif_transpose shows it, from a JPEG (decoded at
-    1/4 scale for 32 px) and from a PNG."""
+    says how to show it upright. Stored: 400 x 240, red top left, green top right, blue bottom half (no two of the 8
+    upright views alike). Each decodes as Pillow's exif_transpose shows it, from a JPEG (at 1/4 scale) and a PNG."""
     stored = np.zeros((240, 400, 3), np.uint8)
     stored[:120, :200], stored[:120, 200:], stored[120:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
     img = Image.fromarray(stored)
@@ -1200,8 +1206,7 @@ def test_a_failed_cache_build_leaves_no_cache(zoo, tmp_path, monkeypatch, failur
 
 
 def test_stale_build_files_removed_and_an_unwritable_cache_folder_falls_back(zoo, tmp_path, monkeypatch, capsys):
-    """A build's temporary files whose process is gone are removed, a live build's kept; a --cache-dir that is not
-    writable: ~/.cache/dcgan instead."""
+    """A dead build's temporary files are removed, a live one's kept; an unwritable --cache-dir: ~/.cache/dcgan."""
     folder = fresh_zoo(zoo, tmp_path)
     dead, live = (tmp_path / f"faces.32px.0badc0de.u8.npy.tmp-{pid}" for pid in (999999999, os.getpid()))
     for path in (dead, live):  # the cache and its sidecar, as a build writes them
@@ -1321,9 +1326,8 @@ CELEBA = ["--size", "32", "--batch-size", "4", "--ngf", "8", "--ndf", "8", "--de
 
 
 def test_celeba_trains_on_a_zip_of_odd_images_read_in_place(zoo, tmp_path):
-    """A zip of the image zoo as --data, the cache in --cache-dir, batches gathered from the cache file
-    (--data-memory 0): every readable file is an image, the unreadable ones named in one warning; the next run
-    reuses the cache."""
+    """A zip of the image zoo as --data, the cache in --cache-dir, batches gathered from the cache file (--data-memory
+    0): every readable file is an image, the unreadable ones named in one warning; the next run reuses the cache."""
     _, good, bad = zoo
     data, cache = make_zip(zoo[0], tmp_path / "img_align_celeba.zip"), tmp_path / "cache"
     flags = ["--data", data, "--cache-dir", cache, *CELEBA, "--workers", 2, "--data-memory", 0, "--dry-run"]
@@ -1402,9 +1406,8 @@ HIRES = "dcgan_hires.py"
 def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_path):
     """2 ranks, gloo on the CPU: rank 0 alone prints and writes; an epoch is half as many steps as in one process.
     Stopped by a SIGTERM to torchrun, which passes it on to both ranks (they agree on a step, rank 0 saves), and
-    resumed under torchrun with no other argument than --resume: the run is the one never stopped, bit for bit. What a
-    rank refuses before it joins the others, each rank alike (tried on one, in the environment torchrun gives it):
-    --generate (one process), --sync-bn on CPUs."""
+    resumed under torchrun with no other argument than --resume: the run is the one never stopped, bit for bit. Each
+    rank refuses alike, before joining the others (tried on one): --generate (one process), --sync-bn on CPUs."""
     a, b = tmp_path / "a", tmp_path / "b"
     exact = ["--max-images", 128, "--epochs", 5, "--log-every", 2]  # 8 steps an epoch, 40 in all
     p = run(HIRES, *tiny(HIRES, a, *exact), nproc=2)
@@ -1598,8 +1601,7 @@ def test_gif_frames_in_numeric_order_with_fps_hold_last_and_loop(tmp_path):
 
 def test_gif_label_max_size_steps_patterns_files_and_first(tmp_path):
     """--label: a band above each frame with white text; --max-size; --steps; a glob pattern (in numeric order); files
-    named one by one (in their order). --first 16 of a gray grid: a 4 x 4 grid; --first 12: 4 x 3, as square as it
-    goes; the cells in order."""
+    named one by one (in their order). --first 16 of a gray grid: 4 x 4; --first 12: 4 x 3; the cells in order."""
     samples = make_run(tmp_path / "r", epochs=3, steps=(500, 1000, 1500, 2000)) / "samples"
     call("make_gif.py", tmp_path / "r", "--out", tmp_path / "plain.gif")
     call("make_gif.py", tmp_path / "r", "--label", "--out", tmp_path / "label.gif")
@@ -1654,8 +1656,7 @@ def test_gif_refusals(tmp_path):
 @pytest.mark.parametrize("installed", [True, False], ids=["ffmpeg-installed", "ffmpeg-missing"])
 def test_gif_or_mp4(tmp_path, monkeypatch, installed):
     """An .mp4 --out: a video of the grids (sides padded to even) with --hold-last seconds of the last frame, where
-    imageio-ffmpeg is installed; where it is missing (made unfindable here, wherever it is installed), a one-line
-    refusal that says how to get it, and no file."""
+    imageio-ffmpeg is installed; where it is missing (made so here), a one-line refusal: how to get it; no file."""
     make_run(tmp_path / "r", epochs=2)
     if not installed:
         find_spec = importlib.util.find_spec
@@ -1723,8 +1724,7 @@ def test_plot_single_run_size_and_summary(tmp_path, monkeypatch):
 
 
 def test_plot_two_runs_legend_log_and_default_out(tmp_path, monkeypatch):
-    """Several runs: named by their directories in the legend, the epoch lines of the first run, --log on the loss
-    panel, the plot in losses.png in the current directory."""
+    """Several runs: named by their folders in the legend, the first one's epoch lines, --log, ./losses.png."""
     losses_csv(tmp_path / "a" / "losses.csv")
     losses_csv(tmp_path / "b" / "losses.csv", epochs=2, steps_per_epoch=10)
     monkeypatch.chdir(tmp_path)
@@ -1823,9 +1823,9 @@ def test_d_norm_g_act_and_clip_grad_do_what_they_say(script, tmp_path):
 def test_resume_epochs_seed_and_epoch_length(tmp_path, dry_run):
     """--epochs: the total, also on --resume, where an epoch's length cannot change; --seed repeats or changes a run."""
     script, out = "dcgan_mnist.py", tmp_path / "run"
-    run(script, *tiny(script, out, "--epochs", 1))
-    run(script, "--out", out, "--resume", "--epochs", 2)
-    assert len(rows(out)) == 2 * 256 // 32 and config(out)["resolved_amp"] == "off"
+    run(script, *tiny(script, out, "--epochs", 1, "--max-steps", 4))  # a resume does not inherit --max-steps
+    run(script, "--out", out, "--resume", "--epochs", 2, "--amp", "auto")
+    assert len(rows(out)) == 2 * 256 // 32 and config(out)["resolved_amp"] in ("off", "bf16")
     assert "already at step 16 of 16" in call(script, "--out", out, "--resume").stdout  # the run's --epochs now: 2
     refused(call(script, "--out", out, "--resume", "--max-images", 128, ok=2), "an epoch is 4 steps here but 8")
     run(script, *tiny(script, tmp_path / "again", "--dry-run"))  # the same seed repeats the run
