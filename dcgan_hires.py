@@ -346,10 +346,8 @@ def optimizer_step(opt, net, scaler, loss, clip):
 def update_ema(ema, G, decay):
     """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
     for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
-        if e.is_floating_point():
+        if e.is_floating_point():  # not BatchNorm's num_batches_tracked: with a momentum it is never read
             e.lerp_(g, 1 - decay)
-        else:  # BatchNorm's num_batches_tracked
-            e.copy_(g)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -405,9 +405,8 @@ def test_every_training_trick_takes_effect(script, tmp_path):
 @pytest.mark.parametrize("installed", [True, False], ids=["installed", "missing"])
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_tensorboard_is_optional(script, installed, tmp_path, monkeypatch):
-    """Installed, --tensorboard logs the losses.csv values and the grids to <out>/tb. Missing (made unimportable here,
-    wherever it is installed), the run is refused in one line before anything is written, and the same command is
-    refused the same way again, not as a run that already exists."""
+    """Installed, --tensorboard logs the losses.csv values and the grids to <out>/tb. Missing (made unimportable here),
+    the run is refused in one line before anything is written, and again the same way, not as an existing run."""
     out = tmp_path / "run"
     if installed:
         if importlib.util.find_spec("tensorboard") is None:
@@ -940,11 +939,11 @@ def correlations(images, references):
 def test_mnist_learns_the_synthetic_digits(tmp_path):
     """500 generated digits against 3000 fresh draws of the data set (synthetic_digits with another seed than the
     training set's), by normalised correlation r: a sample looks like a digit when its best r is 0.6 or more, a draw
-    of the data is covered when some sample matches it that well. After 150 steps at the default sizes, seeds 0, 1
-    and 2 gave 77%, 94% and 80% of the samples like a digit, 72%, 78% and 76% of the draws covered; an untrained G
-    (best r 0.08 to 0.11) none and none. G must reach 35% of both, the untrained G stay under 2%."""
+    of the data is covered when some sample matches it that well. After 150 steps at the defaults (batch 64, EMA),
+    seeds 0, 1 and 2 gave 70%, 79% and 77% of the samples like a digit, 68%, 71% and 58% of the draws covered; an
+    untrained G none and none. G must reach 35% of both, the untrained G stay under 2%."""
     references = m.synthetic_digits(3000, seed=1).float().div(255).numpy()
-    flags = [*TINY.split(), "--seed", 0]  # default sizes, batch and learning rates
+    flags = [*TINY.split(), "--seed", 0]  # default sizes, batch, learning rates and EMA
     for images, trained in zip(learning_runs("dcgan_mnist.py", tmp_path, flags, 150, 500), (False, True)):
         r = correlations(images, references)
         digits, covered = (r.max(1) >= 0.6).mean(), (r.max(0) >= 0.6).mean()
@@ -1846,7 +1845,7 @@ def test_fp16_resume_restores_both_grad_scalers_exactly_and_amp_may_change(tmp_p
     run(script, *tiny(script, tmp_path / "split", *fp16, "--max-steps", 3))
     run(script, "--out", tmp_path / "split", "--resume", "--max-steps", 6)
     whole, split = load(tmp_path / "whole" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
-    assert whole["scaler_g"]["_growth_tracker"] > 0 and whole["scaler_d"]["_growth_tracker"] > 0
+    assert whole["scaler_g"] != whole["scaler_d"]  # each scaler followed its own network's overflows
     assert (whole["scaler_g"], whole["scaler_d"]) == (split["scaler_g"], split["scaler_d"])
     assert all(torch.equal(v, split["generator"][k]) for k, v in whole["generator"].items())
     for step, amp in enumerate(["bf16", "fp16"], start=7):  # out of fp16, and into it from a run without its scales
@@ -1979,7 +1978,8 @@ def test_gpu_hires_torchrun_nccl_stops_and_resumes_exactly(tmp_path):
 # The README: every command in it runs
 
 README_SKIPPED = {"python -m venv": "set-up", "pip install": "the package index", "tensorboard --logdir": "a server",
-                  "python -m pytest": "this suite", "torchrun": "GPUs (the CPU: its own tests)"}  # fmt: skip
+                  "python -m pytest": "this suite", "torchrun": "GPUs (the CPU: its own tests)",
+                  "python -m pytorch_fid": "a download (its network)"}  # fmt: skip
 MODES = {"--generate": 3, "--interpolate": 2, "--benchmark": 1}  # the count each is given here: a few, not thousands
 
 
