@@ -9,14 +9,10 @@ Train:
     python dcgan_celeba.py --data ~/Downloads/img_align_celeba.zip      # the zip, read in place
     python dcgan_celeba.py --data ~/photos --crop 140 --flip            # any folder of images, searched recursively
     python dcgan_celeba.py --dataset cifar10 --size 32                  # torchvision download -> runs/cifar1032
-CPU smoke test, no download, no GPU:
-    python dcgan_celeba.py --dataset synthetic --epochs 1 --size 32
-Continue a run to 20 epochs in total, sample from it, walk its latent space, list and time the networks:
+    python dcgan_celeba.py --dataset synthetic --epochs 1 --size 32     # CPU smoke test: no download, no GPU
+Continue a run to 20 epochs in total and sample from it (also --interpolate K, --summary, --benchmark N):
     python dcgan_celeba.py --epochs 20 --resume
     python dcgan_celeba.py --generate 1000
-    python dcgan_celeba.py --interpolate 16
-    python dcgan_celeba.py --summary
-    python dcgan_celeba.py --benchmark 50
 From Python:
     from dcgan_celeba import load_generator
     G = load_generator("runs/celeba64/checkpoint.pt")
@@ -125,8 +121,7 @@ def parse_args(argv=None):
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
     tricks = p.add_argument_group("architecture and training tricks (all off by default)")
     tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
-    tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
-                        "unless --spectral-norm)")  # fmt: skip
+    tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BN in D (auto: unless SN)")
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="real target 1-S")
     tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) noise on D's inputs")
     tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="anneal: SIGMA to 0")
@@ -168,8 +163,7 @@ def weights_init(m):
         w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight  # spectral norm's
         nn.init.normal_(w, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
+        nn.init.normal_(m.weight, 1.0, 0.02)  # and the bias at BatchNorm's own 0
 
 
 def widths(size):
@@ -319,7 +313,6 @@ def optimizer_step(opt, net, scaler, loss, clip):
     scaler.update()
 
 
-@torch.no_grad()
 def update_ema(ema, G, decay):
     """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
     for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
@@ -703,11 +696,10 @@ def to_uint8(x):
     return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
 
 
-@torch.no_grad()
 def sample(m, fixed_noise):
     """The fixed-noise images, uint8, from the EMA of G when there is one."""
     net = m.ema if m.ema is not None else m.G.eval()  # the EMA copy is always in eval mode
-    with m.autocast():
+    with torch.no_grad(), m.autocast():
         images = to_uint8(net(fixed_noise))
     m.G.train()
     return images
@@ -747,6 +739,13 @@ def load_checkpoint(path):
     return ck
 
 
+def load_weights(net, state):
+    try:  # a checkpoint of other networks, from another version of this script: one line, not a traceback
+        net.load_state_dict(state)
+    except RuntimeError:
+        die(f"the checkpoint's {type(net).__name__} has other layers than this version of {SCRIPT} builds")
+
+
 def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CPU run resumed on CUDA, and back
     return state | {"param_groups": [g | {"fused": opt.param_groups[0]["fused"]} for g in state["param_groups"]]}
 
@@ -754,8 +753,8 @@ def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CP
 def restore(m, ck, args, device):
     """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
     The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
-    m.G.load_state_dict(ck["generator"])
-    m.D.load_state_dict(ck["discriminator"])
+    load_weights(m.G, ck["generator"])
+    load_weights(m.D, ck["discriminator"])
     m.opt_g.load_state_dict(own_fused(ck["opt_g"], m.opt_g))
     if ck["args"].get("d_optim", "adam") == args.d_optim:
         m.opt_d.load_state_dict(own_fused(ck["opt_d"], m.opt_d))
@@ -780,7 +779,7 @@ def load_generator(path, device="cpu"):
     ck = load_checkpoint(path)
     a = ck["args"]
     G = Generator(a["nz"], a["ngf"], NC, a["size"], a.get("g_act", "relu"))
-    G.load_state_dict(ck.get("ema") or ck["generator"])
+    load_weights(G, ck.get("ema") or ck["generator"])
     return G.to(device).eval()
 
 

@@ -20,13 +20,9 @@ On two machines of 8 GPUs: the same command on both, NODE_RANK 0 on the one name
 CPU smoke tests, no download, no GPU (the second: 2 processes, DDP over gloo):
     python dcgan_hires.py --dataset synthetic --dry-run --out /tmp/smoke
     torchrun --standalone --nproc_per_node 2 dcgan_hires.py --dataset synthetic --ngf 8 --ndf 8 --out /tmp/ddp
-Continue a run to 20 epochs in total (under torchrun too), sample from it, walk its latent space, list and time
-the networks:
+Continue a run to 20 epochs in total (torchrun too), sample from it (also --interpolate K, --summary, --benchmark N):
     python dcgan_hires.py --epochs 20 --resume
     python dcgan_hires.py --generate 1000
-    python dcgan_hires.py --interpolate 16
-    python dcgan_hires.py --summary --size 256
-    python dcgan_hires.py --benchmark 20 --size 256
 From Python:
     from dcgan_hires import load_generator
     G = load_generator("runs/celeba128/checkpoint.pt")
@@ -144,8 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
     tricks = p.add_argument_group("architecture and training tricks (spectral norm, label smoothing, EMA: default on)")
     tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
-    tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BatchNorm in D (auto: "
-                        "unless --spectral-norm)")  # fmt: skip
+    tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BN in D (auto: unless SN)")
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="real target 1-S")
     tricks.add_argument("--instance-noise", type=number(float, 0), default=0.0, help="N(0, SIGMA) noise on D's inputs")
     tricks.add_argument("--noise-schedule", default="anneal", choices=["anneal", "constant"], help="anneal: SIGMA to 0")
@@ -186,8 +181,7 @@ def weights_init(m):
         w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight  # spectral norm's
         nn.init.normal_(w, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
+        nn.init.normal_(m.weight, 1.0, 0.02)  # and the bias at BatchNorm's own 0
 
 
 def widths(size):
@@ -342,7 +336,6 @@ def optimizer_step(opt, net, scaler, loss, clip):
     scaler.update()
 
 
-@torch.no_grad()
 def update_ema(ema, G, decay):
     """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
     for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
@@ -745,11 +738,10 @@ def to_uint8(x):
     return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
 
 
-@torch.no_grad()
 def sample(m, fixed_noise):
     """The fixed-noise images, uint8, from the EMA of G when there is one."""
     net = m.ema if m.ema is not None else m.G.eval()  # the EMA copy is always in eval mode
-    with m.autocast():
+    with torch.no_grad(), m.autocast():
         images = to_uint8(net(fixed_noise))
     m.G.train()
     return images
@@ -789,6 +781,13 @@ def load_checkpoint(path):
     return ck
 
 
+def load_weights(net, state):
+    try:  # a checkpoint of other networks, from another version of this script: one line, not a traceback
+        net.load_state_dict(state)
+    except RuntimeError:
+        die(f"the checkpoint's {type(net).__name__} has other layers than this version of {SCRIPT} builds")
+
+
 def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CPU run resumed on CUDA, and back
     return state | {"param_groups": [g | {"fused": opt.param_groups[0]["fused"]} for g in state["param_groups"]]}
 
@@ -796,8 +795,8 @@ def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CP
 def restore(m, ck, args, device):
     """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
     The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
-    m.G.load_state_dict(ck["generator"])
-    m.D.load_state_dict(ck["discriminator"])
+    load_weights(m.G, ck["generator"])
+    load_weights(m.D, ck["discriminator"])
     m.opt_g.load_state_dict(own_fused(ck["opt_g"], m.opt_g))
     if ck["args"].get("d_optim", "adam") == args.d_optim:
         m.opt_d.load_state_dict(own_fused(ck["opt_d"], m.opt_d))
@@ -822,7 +821,7 @@ def load_generator(path, device="cpu"):
     ck = load_checkpoint(path)
     a = ck["args"]
     G = Generator(a["nz"], a["ngf"], NC, a["size"], a.get("g_act", "relu"))
-    G.load_state_dict(ck.get("ema") or ck["generator"])
+    load_weights(G, ck.get("ema") or ck["generator"])
     return G.to(device).eval()
 
 

@@ -5,7 +5,6 @@ The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) at
 
 Train (downloads MNIST to ./data; an epoch takes 69 s on one CPU core of a cloud VM):
     python dcgan_mnist.py                                        # -> runs/mnist28
-    python dcgan_mnist.py --dataset fashion-mnist --epochs 20    # -> runs/fashion-mnist28
     python dcgan_mnist.py --dataset synthetic --epochs 1         # CPU smoke test: no download, no GPU
 Continue a run to 20 epochs in total and sample from it (also --interpolate K, --summary, --benchmark N):
     python dcgan_mnist.py --epochs 20 --resume
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 SCRIPT = "dcgan_mnist.py"
@@ -142,8 +141,7 @@ def weights_init(m):
         w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight  # spectral norm's
         nn.init.normal_(w, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
+        nn.init.normal_(m.weight, 1.0, 0.02)  # and the bias at BatchNorm's own 0
 
 
 class Generator(nn.Module):
@@ -285,7 +283,6 @@ def optimizer_step(opt, net, scaler, loss, clip):
     scaler.update()
 
 
-@torch.no_grad()
 def update_ema(ema, G, decay):
     """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
     for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
@@ -299,8 +296,6 @@ def update_ema(ema, G, decay):
 
 def synthetic_digits(n, seed=0):
     """Digit glyphs drawn with Pillow's built-in font, jittered in stroke, position, scale and rotation."""
-    from PIL import ImageDraw, ImageFont
-
     font, glyphs = ImageFont.load_default(size=40), []
     for digit, stroke in itertools.product(range(10), (0, 1, 2)):
         im = Image.new("L", (56, 56))
@@ -406,11 +401,10 @@ def save_png(images, path):
     atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG", compress_level=1))
 
 
-@torch.no_grad()
 def sample(m, fixed_noise):
     """The fixed-noise images, uint8, from the EMA of G when there is one."""
     net = m.ema if m.ema is not None else m.G.eval()  # the EMA copy is always in eval mode
-    with m.autocast():
+    with torch.no_grad(), m.autocast():
         images = to_uint8(net(fixed_noise))
     m.G.train()
     return images
@@ -450,6 +444,13 @@ def load_checkpoint(path):
     return ck
 
 
+def load_weights(net, state):
+    try:  # a checkpoint of other networks, from another version of this script: one line, not a traceback
+        net.load_state_dict(state)
+    except RuntimeError:
+        die(f"the checkpoint's {type(net).__name__} has other layers than this version of {SCRIPT} builds")
+
+
 def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CPU run resumed on CUDA, and back
     return state | {"param_groups": [g | {"fused": opt.param_groups[0]["fused"]} for g in state["param_groups"]]}
 
@@ -457,8 +458,8 @@ def own_fused(state, opt):  # load_state_dict would take the saved "fused": a CP
 def restore(m, ck, args, device):
     """Put a checkpoint's weights, optimizers, scalers and RNG states back; returns (step, fixed_noise).
     The flags of this command line win: learning rates, betas, --d-optim, --amp, --ema may differ from the run's."""
-    m.G.load_state_dict(ck["generator"])
-    m.D.load_state_dict(ck["discriminator"])
+    load_weights(m.G, ck["generator"])
+    load_weights(m.D, ck["discriminator"])
     m.opt_g.load_state_dict(own_fused(ck["opt_g"], m.opt_g))
     if ck["args"].get("d_optim", "adam") == args.d_optim:
         m.opt_d.load_state_dict(own_fused(ck["opt_d"], m.opt_d))
@@ -481,9 +482,8 @@ def restore(m, ck, args, device):
 def load_generator(path, device="cpu"):
     """The generator a checkpoint describes, with its EMA weights when it has them, in eval mode on `device`."""
     ck = load_checkpoint(path)
-    a = ck["args"]
-    G = Generator(a["nz"], a["ngf"], NC, a.get("g_act", "relu"))
-    G.load_state_dict(ck.get("ema") or ck["generator"])
+    G = Generator(ck["args"]["nz"], ck["args"]["ngf"], NC, ck["args"].get("g_act", "relu"))
+    load_weights(G, ck.get("ema") or ck["generator"])
     return G.to(device).eval()
 
 
