@@ -493,7 +493,7 @@ def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, t
     assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
     for opt in ("opt_g", "opt_d"):
         assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
-    assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 and ck["opt_d"]["param_groups"][0]["lr"] == 2e-4
+    assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 != ck["opt_d"]["param_groups"][0]["lr"] == ck["args"]["lr_d"]
     p = run(script, "--out", out, "--resume", "--max-steps", 3, "--d-optim", "sgd")
     assert "resume: --d-optim sgd: D's optimizer starts afresh (the run used adam)" in p.stdout
     ck = load(out / "checkpoint.pt")
@@ -939,16 +939,16 @@ def correlations(images, references):
 def test_mnist_learns_the_synthetic_digits(tmp_path):
     """500 generated digits against 3000 fresh draws of the data set (synthetic_digits with another seed than the
     training set's), by normalised correlation r: a sample looks like a digit when its best r is 0.6 or more, a draw
-    of the data is covered when some sample matches it that well. After 150 steps at the defaults (batch 64, EMA),
-    seeds 0, 1 and 2 gave 70%, 79% and 77% of the samples like a digit, 68%, 71% and 58% of the draws covered; an
-    untrained G none and none. G must reach 35% of both, the untrained G stay under 2%."""
+    of the data is covered when some sample matches it that well. After 150 steps at the defaults (batch 64, Adam
+    6e-4, EMA), seeds 0, 1 and 2 gave 100%, 99%, 100% of the samples like a digit, 96%, 97%, 96% of the draws covered
+    (at 2e-4: 70 to 79%, 58 to 71%); an untrained G none. G must reach 60% of both, the untrained G stay under 2%."""
     references = m.synthetic_digits(3000, seed=1).float().div(255).numpy()
     flags = [*TINY.split(), "--seed", 0]  # default sizes, batch, learning rates and EMA
     for images, trained in zip(learning_runs("dcgan_mnist.py", tmp_path, flags, 150, 500), (False, True)):
         r = correlations(images, references)
         digits, covered = (r.max(1) >= 0.6).mean(), (r.max(0) >= 0.6).mean()
         print(f"trained {trained}: {digits:.0%} of the samples look like digits, {covered:.0%} of the data covered")
-        assert (digits >= 0.35 and covered >= 0.35) if trained else (digits < 0.02 and covered < 0.02), digits
+        assert (digits >= 0.6 and covered >= 0.6) if trained else (digits < 0.02 and covered < 0.02), digits
 
 
 # ----------------------------------------------------------------------------------------------------------------
