@@ -764,7 +764,7 @@ def restore(m, ck, args, device):
         for group in opt.param_groups:  # SGD ignores the betas
             group.update(lr=lr, betas=(args.beta1, args.beta2))
     if m.ema is not None:
-        m.ema.load_state_dict(ck.get("ema") or ck["generator"])
+        load_weights(m.ema, ck.get("ema") or ck["generator"])
     for scaler, key in ((m.scaler_g, "scaler_g"), (m.scaler_d, "scaler_d")):
         if scaler.is_enabled() and ck.get(key):  # a run that was not fp16 has no scale yet: start from the default
             scaler.load_state_dict(ck[key])
