@@ -73,7 +73,6 @@ RANK = int(os.environ.get("RANK", "0"))  # this process among all
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process on its machine: the GPU it drives
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # processes in all
 ARCH = ("nz", "ngf", "ndf", "size", "g_act", "d_norm", "spectral_norm")  # they shape the networks: --resume keeps them
-# never taken from the checkpoint by --resume
 FRESH = ["out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark"]
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
 
@@ -83,9 +82,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def number(kind, lo, hi=math.inf):
-    """An argparse type: kind(text), checked against [lo, hi)."""
-
+def number(kind, lo, hi=math.inf):  # an argparse type: kind(text), checked against [lo, hi)
     def parse(text):
         if not lo <= kind(text) < hi:
             raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi})")
@@ -150,11 +147,13 @@ def parse_args(argv=None):
                         help="spectral norm on D's convolutions, in place of its BatchNorm")  # fmt: skip
     tricks.add_argument("--d-dropout", type=number(float, 0, 1), default=0.0, help="spatial dropout in D")
     tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
+    tricks.add_argument("--r1", type=number(float, 0), default=0.0, help="R1 gradient penalty weight on D (0: off)")
+    tricks.add_argument("--r1-every", type=number(int, 1), default=16, help="R1 every N steps (lazy)")
     tricks.add_argument("--ema", type=number(float, 0, 1), default=0.999, help="EMA decay of G's weights (0: off)")
     tricks.add_argument("--flip", action="store_true", help="random horizontal flip of real images")
     args, ck = p.parse_args(argv), None
     out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
-    if args.resume:  # parse again with the run's arguments as defaults: what was typed wins
+    if args.resume:  # parse again with the run's arguments as defaults: what was typed wins, FRESH is never taken
         ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
         p.set_defaults(**{k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
         args = p.parse_args(argv)
@@ -291,11 +290,9 @@ def train_step(m, real, args, step, steps):
     """Step `step` of `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as
     a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
-    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D, annealed to 0
+    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on D's inputs, to 0 over the planned run
     sigma = args.instance_noise * (max(0.0, 1 - step / steps) if args.noise_schedule == "anneal" else 1.0)
-    ############################
     # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
-    ############################
     with m.autocast():
         fake = m.net_g(z)
         out_real = m.net_d(noisy(real, sigma)).float()  # logits; targets and losses in float32
@@ -303,10 +300,13 @@ def train_step(m, real, args, step, steps):
     # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498): real target 1 - S
     loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
     loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
-    optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d, args.clip_grad)
-    ############################
+    penalty = 0  # R1 (Mescheder et al. 2018, https://arxiv.org/abs/1801.04406): gamma/2 |grad D(x)|^2 at real x,
+    if args.r1 and step % args.r1_every == 0:  # lazily: every N steps, N times as heavy (as StyleGAN2)
+        x = real.detach().requires_grad_(True)  # a double backward: float32, the plain D (not compiled, not DDP)
+        (grad,) = torch.autograd.grad(m.D(x).sum(), x, create_graph=True)
+        penalty = args.r1 / 2 * args.r1_every * grad.square().sum([1, 2, 3]).mean()
+    optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d + penalty, args.clip_grad)
     # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
-    ############################
     m.D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
     for k in range(args.g_steps):
         with m.autocast():
@@ -979,7 +979,6 @@ def train(args, ck=None):
         for real in batches.epoch(epoch, step % steps_per_epoch):
             if WORLD > 1:  # each rank's noise, flips and dropout from (seed, rank, step): resumes are exact per rank
                 torch.manual_seed(hash((args.seed, RANK, step)))
-            # instance noise is annealed over the planned run, whatever --max-steps says
             log.pending.append(train_step(m, preprocess(real, args), args, step, args.epochs * steps_per_epoch))
             step += 1
             bar.update(global_batch)
@@ -1077,8 +1076,8 @@ def benchmark(args):
     shape = (args.batch_size, NC, args.size, args.size)
     real = preprocess(torch.randint(0, 256, shape, dtype=torch.uint8, device=device), args)
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
-    with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
-        train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 0, 1)
+    with FlopCounterMode(display=False) as counter:  # the eager modules; step 1: no R1, its autograd.grad fails here
+        train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 1, 2)
     for step in range(5 + args.benchmark):
         if step == 5:  # after the warm-up: cuDNN autotuning, torch.compile, allocator
             sync()

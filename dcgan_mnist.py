@@ -1,7 +1,7 @@
 """DCGAN on 28x28 grayscale digits: MNIST, Fashion-MNIST, KMNIST, or a synthetic set that needs no download.
 
 The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) at the digits' native 28x28, from
-4x4 as at 64x64: transposed convolutions, BatchNorm and ReLU in G, strided convolutions, BatchNorm, LeakyReLU in D.
+4x4 as at 64x64; unlike the paper: batch 64, Adam at 6e-4, an EMA of G, a lazy R1 penalty on D (README: why).
 
 Train (downloads MNIST to ./data; an epoch takes 69 s on one CPU core of a cloud VM):
     python dcgan_mnist.py                                        # -> runs/mnist28
@@ -44,7 +44,6 @@ SCRIPT = "dcgan_mnist.py"
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "synthetic": None}
 SIZE, NC = 28, 1  # resolution and channels of every data set here
 ARCH = ("nz", "ngf", "ndf", "g_act", "d_norm", "spectral_norm")  # they shape the networks: --resume keeps them
-# never taken from the checkpoint by --resume
 FRESH = ["out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark"]
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
 
@@ -54,9 +53,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def number(kind, lo, hi=math.inf):
-    """An argparse type: kind(text), checked against [lo, hi)."""
-
+def number(kind, lo, hi=math.inf):  # an argparse type: kind(text), checked against [lo, hi)
     def parse(text):
         if not lo <= kind(text) < hi:
             raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi})")
@@ -100,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
     p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
-    tricks = p.add_argument_group("architecture and training tricks (all off by default but --ema)")
+    tricks = p.add_argument_group("architecture and training tricks (all off by default but --ema, --r1)")
     tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
     tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BN in D (auto: unless SN)")
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.0, help="real target 1-S")
@@ -111,10 +108,12 @@ def parse_args(argv=None):
     tricks.add_argument("--spectral-norm", action="store_true", help="spectral norm on D's convolutions")
     tricks.add_argument("--d-dropout", type=number(float, 0, 1), default=0.0, help="spatial dropout in D")
     tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
+    tricks.add_argument("--r1", type=number(float, 0), default=0.3, help="R1 gradient penalty weight on D (0: off)")
+    tricks.add_argument("--r1-every", type=number(int, 1), default=16, help="R1 every N steps (lazy)")
     tricks.add_argument("--ema", type=number(float, 0, 1), default=0.999, help="EMA decay of G's weights (0: off)")
     args, ck = p.parse_args(argv), None
     out = args.out or os.path.join("runs", f"{args.dataset}{SIZE}")
-    if args.resume:  # parse again with the run's arguments as defaults: what was typed wins
+    if args.resume:  # parse again with the run's arguments as defaults: what was typed wins, FRESH is never taken
         ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
         p.set_defaults(**{k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
         args = p.parse_args(argv)
@@ -238,11 +237,9 @@ def train_step(m, real, args, step, steps):
     """Step `step` of `steps` planned: one D update and --g-steps G updates; returns [loss_d, loss_g, d_real, d_fake] as
     a device tensor. No .item() in here: it would make the CPU wait for the GPU every step."""
     z = torch.randn(real.size(0), args.nz, 1, 1, device=real.device)
-    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on every input of D, annealed to 0
+    # instance noise (Sonderby et al. 2016, https://arxiv.org/abs/1610.04490) on D's inputs, to 0 over the planned run
     sigma = args.instance_noise * (max(0.0, 1 - step / steps) if args.noise_schedule == "anneal" else 1.0)
-    ############################
     # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
-    ############################
     with m.autocast():
         fake = m.net_g(z)
         out_real = m.net_d(noisy(real, sigma)).float()  # logits; targets and losses in float32
@@ -250,10 +247,13 @@ def train_step(m, real, args, step, steps):
     # one-sided label smoothing (Salimans et al. 2016, https://arxiv.org/abs/1606.03498): real target 1 - S
     loss_d = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, 1 - args.label_smoothing))
     loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
-    optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d, args.clip_grad)
-    ############################
+    penalty = 0  # R1 (Mescheder et al. 2018, https://arxiv.org/abs/1801.04406): gamma/2 |grad D(x)|^2 at real x,
+    if args.r1 and step % args.r1_every == 0:  # lazily: every N steps, N times as heavy (as StyleGAN2)
+        x = real.detach().requires_grad_(True)  # a double backward: float32, the plain D (not compiled, not DDP)
+        (grad,) = torch.autograd.grad(m.D(x).sum(), x, create_graph=True)
+        penalty = args.r1 / 2 * args.r1_every * grad.square().sum([1, 2, 3]).mean()
+    optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d + penalty, args.clip_grad)
     # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
-    ############################
     m.D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
     for k in range(args.g_steps):
         with m.autocast():
@@ -605,7 +605,6 @@ def train(args, ck=None):
         bar = tqdm(total=steps_per_epoch * args.batch_size, initial=(step % steps_per_epoch) * args.batch_size,
                    unit="img", unit_scale=True, desc=f"epoch {epoch + 1}", disable=None, leave=False)  # fmt: skip
         for real in batches.epoch(epoch, step % steps_per_epoch):
-            # instance noise is annealed over the planned run, whatever --max-steps says
             log.pending.append(train_step(m, preprocess(real, args), args, step, args.epochs * steps_per_epoch))
             step += 1
             bar.update(args.batch_size)
@@ -699,8 +698,8 @@ def benchmark(args):
     m = build(args, device, amp)
     real = preprocess(torch.randint(0, 256, (args.batch_size, NC, SIZE, SIZE), dtype=torch.uint8, device=device), args)
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
-    with FlopCounterMode(display=False) as counter:  # counts on the eager modules, before any compilation
-        train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 0, 1)
+    with FlopCounterMode(display=False) as counter:  # the eager modules; step 1: no R1, its autograd.grad fails here
+        train_step(SimpleNamespace(**vars(m) | {"net_g": m.G, "net_d": m.D}), real, args, 1, 2)
     for step in range(5 + args.benchmark):
         if step == 5:  # after the warm-up: cuDNN autotuning, torch.compile, allocator
             sync()

@@ -3,9 +3,8 @@
 python -m pytest test_scripts.py -q -n auto          # everything (about 3 minutes on 2 CPU cores)
 python -m pytest test_scripts.py -q -m "not slow"    # without the learning, signal, torchrun and fault-injection tests
 
-Training runs start the scripts as child processes (run, start), each on Linux forked from a Python that has already
-imported torch; what comes before a first training step (--help, refusals, --summary, --generate) and most helper
-cases go through main() in this process (call). Both save the start of a Python with torch: 4 to 8 s of CPU.
+Training runs are child processes (run, start), on Linux forked from a Python that has imported torch; what comes
+before a first step (--help, refusals, --summary, --generate) runs main() in this process (call): 4 to 8 s saved each.
 """
 
 import argparse
@@ -88,10 +87,9 @@ runpy.run_path(argv[0], run_name="__main__")"""
 
 
 def start(script, *args, nproc=0, cwd=ROOT, env=(), stdout=None, stderr=None, fsize=0):
-    """`python script args`, or with nproc `torchrun --standalone --nproc_per_node nproc script args`, started in the
-    background: a multiprocessing Process (pid, exitcode, kill) with those arguments, folder, environment (env: the
-    variables to add) and output (files stdout and stderr, which may be subprocess.STDOUT, else files finish() reads),
-    on Linux forked from a Python that has imported torch: 4 to 8 s of CPU less than a fresh one."""
+    """`python script args`, or with nproc `torchrun --standalone --nproc_per_node nproc script args`, in the
+    background: a multiprocessing Process (pid, exitcode, kill) with that folder, environment (env: variables to add)
+    and output (files stdout, stderr; stderr may be subprocess.STDOUT; else files finish() reads), forked (see top)."""
     tmp = tempfile.TemporaryDirectory()  # removed with proc
     out = stdout.name if stdout else f"{tmp.name}/stdout"
     err = out if stderr == subprocess.STDOUT else stderr.name if stderr else f"{tmp.name}/stderr"
@@ -365,14 +363,13 @@ def test_generate_interpolate_summary_benchmark_and_every_image_from_the_ema(scr
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_training_trick_takes_effect(script, tmp_path):
-    """Every trick at once, for 3 steps: in config.json, in the checkpoint, and where it shows: spectral norm on every
-    conv of D, no BatchNorm in D, SGD's momentum in D's optimizer, two Adam steps a step in G's (--g-steps 2), the
-    learning rates, EMA weights apart from G's; in --summary, LeakyReLU in G, dropout in D. --resume refuses another
-    --g-act or --d-norm."""
+    """Every trick at once for 3 steps, in config.json and the checkpoint, and where it shows: spectral norm on each
+    conv of D and no BatchNorm, SGD's momentum for D, two Adam steps a step for G (--g-steps 2), the learning rates,
+    EMA weights apart from G's; in --summary LeakyReLU in G, dropout in D; --resume refuses other --g-act, --d-norm."""
     size, nc, flags = SCRIPTS[script]
     tricks = {"label_smoothing": 0.1, "instance_noise": 0.1, "noise_schedule": "constant", "g_steps": 2,
               "d_optim": "sgd", "spectral_norm": True, "d_dropout": 0.2, "clip_grad": 1.0, "ema": 0.99, "lr_g": 4e-4,
-              "lr_d": 1e-4, "g_act": "leaky", "d_norm": "none"}  # fmt: skip
+              "lr_d": 1e-4, "g_act": "leaky", "d_norm": "none", "r1": 2.0, "r1_every": 2}  # fmt: skip
     if script != "dcgan_mnist.py":  # digits have no --flip
         tricks["flip"] = True
     typed = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in tricks.items()]
@@ -564,9 +561,8 @@ def test_label_smoothing_targets_float32_losses_under_bf16_and_instance_noise_sc
 @slow
 def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
     """--ema 0.999 for 80 steps: without warm-up 92% of the EMA weights would still be the random initialisation.
-    With it, EMA samples are close to the live generator's, far from an untrained one's (BatchNorm statistics in
-    the average too). At half the default widths (--ngf 16: 7 s instead of 13; seeds 0, 1, 2 gave EMA-to-live
-    distances of 0.18, 0.16, 0.20 of the untrained-to-live one, EMA contrast 0.93 to 0.96 of the live G's)."""
+    With it, EMA samples are close to the live G's, far from an untrained one's (BatchNorm statistics averaged too);
+    --ngf 16, seeds 0, 1, 2: EMA-to-live distance 0.21, 0.22, 0.22 of untrained-to-live, contrast 0.79, 0.82, 0.94."""
     flags = [*TINY.split(), "--max-images", 2048, "--max-steps", 80, "--ema", 0.999, "--ngf", 16, "--ndf", 16]
     run("dcgan_mnist.py", *flags, "--out", tmp_path / "run")
     ck = load(tmp_path / "run" / "checkpoint.pt")
@@ -827,10 +823,9 @@ def test_sigkill_at_five_moments_then_resume_matches_an_uninterrupted_run(script
 @slow
 @pytest.mark.parametrize("script", TRAIN_LOOPS)
 def test_sigint_before_training_exits_130_and_leaves_a_usable_run_or_none(script, tmp_path):
-    """Ctrl-C before the training loop: while a first run loads its data, in the middle of its step-0 checkpoint write
-    (made large with --nz 4000), just as its step-0 checkpoint appears, and while a resume loads its data. Exit 130,
-    "interrupted", no traceback; the first leaves no run directory behind (a fresh start is not refused), none leaves
-    a half-written checkpoint.pt.tmp<pid>; the interrupted resume changed nothing in the run."""
+    """Ctrl-C before the training loop: while a first run loads its data, amid its step-0 checkpoint write (--nz 4000
+    makes it large), as that checkpoint appears, while a resume loads its data. Exit 130, "interrupted", no traceback;
+    the first leaves no run folder (a fresh start works), none a .tmp<pid> checkpoint; the resume changes nothing."""
     size = SCRIPTS[script][0]
     out, ckpt, log = tmp_path / "run", tmp_path / "run" / "checkpoint.pt", tmp_path / "stdout.txt"
     slow_data = ["--max-images", 40000 * 28**2 // size**2]  # about 2 s of loading: as many pixels as 40000 digits
@@ -937,11 +932,10 @@ def correlations(images, references):
 
 @slow
 def test_mnist_learns_the_synthetic_digits(tmp_path):
-    """500 generated digits against 3000 fresh draws of the data set (synthetic_digits with another seed than the
-    training set's), by normalised correlation r: a sample looks like a digit when its best r is 0.6 or more, a draw
-    of the data is covered when some sample matches it that well. After 150 steps at the defaults (batch 64, Adam
-    6e-4, EMA), seeds 0, 1 and 2 gave 100%, 99%, 100% of the samples like a digit, 96%, 97%, 96% of the draws covered
-    (at 2e-4: 70 to 79%, 58 to 71%); an untrained G none. G must reach 60% of both, the untrained G stay under 2%."""
+    """500 generated digits against 3000 fresh draws of the data (synthetic_digits, another seed than the training
+    set's), by normalised correlation r: a sample looks like a digit at a best r of 0.6 or more; a draw is covered
+    when a sample matches it that well. 150 steps at the defaults, seeds 0, 1, 2: 99%, 100%, 100% like a digit, 97%,
+    98%, 97% of the draws covered (at 2e-4, no R1: 70-79%, 58-71%); an untrained G none. Wanted: 60% both, < 2%."""
     references = m.synthetic_digits(3000, seed=1).float().div(255).numpy()
     flags = [*TINY.split(), "--seed", 0]  # default sizes, batch, learning rates and EMA
     for images, trained in zip(learning_runs("dcgan_mnist.py", tmp_path, flags, 150, 500), (False, True)):
@@ -1375,12 +1369,11 @@ def test_data_errors_are_one_line(zoo, tmp_path, monkeypatch):
 @slow
 def test_celeba_learns_the_synthetic_faces(tmp_path):
     """256 generated faces against the 4096 training faces, by normalised correlation r over all pixels and colours (a
-    flat gray is not close to a pale face): a sample looks like a face of the data when its best r is 0.4 or more. Its
-    layout: how far the colour of its centre (the face) is from that of its top corners (the background), summed over
-    R, G, B; the number of distinct nearest faces: diversity (256 copies of the mean face: r 0.85, layout 0.36, 1
-    face). After 300 steps at 32 x 32, G and D half the default width, seeds 0, 1 and 2 gave 100%, 91% and 79% of the
-    samples like a face, median layouts 0.20, 0.12, 0.15, and 77, 71, 152 distinct nearest faces; an untrained G
-    none, 0.002. G must reach 50%, 0.06 and 32 faces, the untrained G stay under 2% and 0.02."""
+    flat gray is not close to a pale face): a sample looks like a face of the data at a best r of 0.4 or more. Layout:
+    how far the colour of the centre (the face) is from that of the top corners, summed over R, G, B; diversity: the
+    number of distinct nearest faces (256 copies of the mean face: r 0.85, layout 0.36, 1 face). 300 steps at 32 x 32,
+    G and D at half width, seeds 0, 1, 2: 100%, 91%, 79% like a face, median layouts 0.20, 0.12, 0.15, 77, 71, 152
+    nearest faces; an untrained G none, 0.002. Wanted: 50%, 0.06 and 32 faces; the untrained G under 2% and 0.02."""
     flags = [*TINY.split(), "--size", 32, "--ngf", 32, "--ndf", 32, "--batch-size", 32, "--seed", 0]
     faces = d.synthetic_faces(4096, 32).float().div(255).numpy()  # the training set: --max-images is 4096 at 32
     for images, trained in zip(learning_runs("dcgan_celeba.py", tmp_path, flags, 300, 256), (False, True)):
@@ -1408,7 +1401,7 @@ def test_hires_torchrun_two_processes_write_one_run_and_resume_it_exactly(tmp_pa
     resumed under torchrun with no other argument than --resume: the run is the one never stopped, bit for bit. Each
     rank refuses alike, before joining the others (tried on one): --generate (one process), --sync-bn on CPUs."""
     a, b = tmp_path / "a", tmp_path / "b"
-    exact = ["--max-images", 128, "--epochs", 5, "--log-every", 2]  # 8 steps an epoch, 40 in all
+    exact = ["--max-images", 128, "--epochs", 5, "--log-every", 2, "--r1", 1, "--r1-every", 3]  # 40 steps, 8 an epoch
     p = run(HIRES, *tiny(HIRES, a, *exact), nproc=2)
     assert p.stdout.count("seed: 0") == 1 and "ddp: 2 processes over gloo" in p.stdout
     assert config(a)["world_size"] == 2 and config(a)["steps_per_epoch"] == 128 // (8 * 2)  # 16 in one process
@@ -1464,9 +1457,8 @@ def test_hires_batch_source_shards_every_step_between_the_ranks(tmp_path, capsys
 
 def training_memory_mb(log, *args):
     """Run dcgan_hires.py, its output in log; -> the memory it owns while it trains, in MB: the 90th percentile of
-    RssAnon, sampled from the moment it prints "training:" on (not the peak, a brief one at the epoch's end that the
-    sampling catches or not). Not VmRSS, which also counts the pages of the memory-mapped cache file that the OS keeps
-    in its cache (reclaimable, not the process's), nor VmHWM, the peak over the whole run."""
+    RssAnon from its "training:" line on (not the brief peak at the epoch's end, which sampling may miss). Not VmRSS,
+    which counts the OS's cached pages of the memory-mapped cache file too, nor VmHWM, the peak of the whole run."""
     with open(log, "w") as stdout:
         proc = start(HIRES, *args, stdout=stdout, stderr=subprocess.STDOUT)
     rss = []
@@ -1483,10 +1475,9 @@ def training_memory_mb(log, *args):
 @slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
 def test_hires_streams_a_cache_larger_than_its_memory_budget_in_bounded_memory(tmp_path):
-    """--data-memory 0: batches are gathered from the cache file's memory map, whose pages are the OS's file cache,
-    not memory the process owns: a whole epoch over a 4x larger cache (+70 MB) takes hardly more of its own memory
-    (RssAnon) than one over the small cache (measured here: 407 and 416 MB; 429 and 494 MB when the cache is read into
-    memory instead). The growth must stay under half of the cache's."""
+    """--data-memory 0: batches are gathered from the cache file's memory map, pages of the OS's file cache, not of the
+    process: an epoch over a 4x larger cache (+70 MB) takes hardly more of its own memory (RssAnon; here 407 and 416 MB,
+    429 and 494 MB with the cache read into memory). The growth must stay under half of the cache's."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, 128, dtype=np.float32)
     for name, n in (("small", 500), ("large", 2000)):
@@ -1799,24 +1790,33 @@ def a_batch(script, n=4):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_d_norm_g_act_and_clip_grad_do_what_they_say(script, tmp_path):
+def test_d_norm_g_act_clip_grad_and_r1_do_what_they_say(script, tmp_path):
     no_sn = ["--no-spectral-norm"] if script == HIRES else []
     for flags, batch_norm in (([*no_sn], True), (["--spectral-norm"], False), (["--spectral-norm", "--d-norm", "batch"],
                               True), ([*no_sn, "--d-norm", "none"], False)):  # fmt: skip
         mod, args = module_and_args(script, *flags)  # --d-norm auto: BatchNorm in D unless spectral norm
         m = mod.build(args, torch.device("cpu"), "off")
         assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.D.modules()) == batch_norm, flags
-    mod, args = module_and_args(script, "--g-act", "leaky")
-    m = mod.build(args, torch.device("cpu"), "off")
-    for step, clip in enumerate((0, 0.005)):  # the gradients' norms, unclipped (well above 0.01) and clipped
-        args.clip_grad = clip
+
+    def step_once(step, *flags):  # step `step`, first of a run: the same weights, batch and noise every time
+        mod, args = module_and_args(script, "--g-act", "leaky", *flags)
+        torch.manual_seed(0)
+        m = mod.build(args, torch.device("cpu"), "off")
         mod.train_step(m, mod.preprocess(a_batch(script), args), args, step, 10)
+        return mod, args, m, torch.cat([p.grad.flatten() for p in m.D.parameters()])
+
+    for clip in (0, 0.005):  # the gradients' norms, unclipped (well above 0.01) and clipped
+        mod, args, m, _ = step_once(0, "--clip-grad", clip, "--r1", 0)
         norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])) for net in (m.G, m.D)]
         assert min(norms) > 0.01 if not clip else max(norms) <= clip * 1.001
     mod.save_checkpoint(tmp_path / "ck.pt", m, 3, 10, args, torch.randn(64, args.nz, 1, 1))
     G = mod.load_generator(tmp_path / "ck.pt")  # rebuilt with the run's --g-act
     acts = [x for x in G.modules() if isinstance(x, (torch.nn.ReLU, torch.nn.LeakyReLU))]
     assert acts and all(isinstance(x, torch.nn.LeakyReLU) and x.negative_slope == 0.2 for x in acts)
+    base, lazy, eager, between, none = (step_once(step, "--r1", r1, "--r1-every", n)[3] for r1, n, step in
+                                        ((0, 16, 0), (2, 16, 0), (2, 1, 0), (2, 16, 17), (0, 16, 17)))  # fmt: skip
+    assert not torch.equal(lazy, base) and torch.allclose(lazy - base, 16 * (eager - base), rtol=1e-3, atol=1e-5)
+    assert torch.equal(between, none)  # R1 at steps 0, 16, 32, ..., 16 times as heavy; none in between
 
 
 def test_resume_epochs_seed_and_epoch_length(tmp_path, dry_run):
