@@ -114,8 +114,8 @@ def parse_args(argv=None):
     args, ck = p.parse_args(argv), None
     out = args.out or os.path.join("runs", f"{args.dataset}{SIZE}")
     if args.resume:  # parse again with the run's arguments as defaults: what was typed wins, FRESH is never taken
-        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-        p.set_defaults(**{k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
+        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))  # a run from before --r1 goes on without R1
+        p.set_defaults(**{"r1": 0.0} | {k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
         args = p.parse_args(argv)
         diff = [f"--{k.replace('_', '-')} {ck['args'][k]} (checkpoint) vs {getattr(args, k)}"
                 for k in ARCH if k in ck["args"] and ck["args"][k] != getattr(args, k)]  # fmt: skip

@@ -479,15 +479,15 @@ def test_load_generator_and_the_readme_python_example(script, tmp_path, monkeypa
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, tmp_path, dry_run):
-    """The flags typed with --resume win; on a checkpoint older than --g-act and --d-norm, ReLU and BatchNorm."""
+    """The flags typed with --resume win; on a checkpoint older than --g-act, --d-norm, --r1: ReLU, BatchNorm, no R1."""
     out = copy_run(dry_run(script), tmp_path)
     ck = load(out / "checkpoint.pt")
-    del ck["args"]["g_act"], ck["args"]["d_norm"]
+    del ck["args"]["g_act"], ck["args"]["d_norm"], ck["args"]["r1"]
     torch.save(ck, out / "checkpoint.pt")
     run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
     assert isinstance(importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt").main[2], torch.nn.ReLU)
     ck = load(out / "checkpoint.pt")
-    assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3
+    assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3 and ck["args"]["r1"] == 0
     for opt in ("opt_g", "opt_d"):
         assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
     assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 != ck["opt_d"]["param_groups"][0]["lr"] == ck["args"]["lr_d"]
