@@ -3,7 +3,7 @@
 The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) at the digits' native 28x28, from
 4x4 as at 64x64; unlike the paper: batch 64, Adam at 6e-4, an EMA of G, a lazy R1 penalty on D (README: why).
 
-Train (downloads MNIST to ./data; an epoch takes 69 s on one CPU core of a cloud VM):
+Train (downloads MNIST to ./data; an epoch takes 79 s on one CPU core of a cloud VM):
     python dcgan_mnist.py                                        # -> runs/mnist28
     python dcgan_mnist.py --dataset synthetic --epochs 1         # CPU smoke test: no download, no GPU
 Continue a run to 20 epochs in total and sample from it (also --interpolate K, --summary, --benchmark N):
