@@ -356,7 +356,7 @@ def test_generate_interpolate_summary_benchmark_and_every_image_from_the_ema(scr
     assert "ConvTranspose2d" in p.stdout and "Discriminator" in p.stdout
     bench = tmp_path / "bench"
     bench.mkdir()
-    p = run(script, *flags, "--benchmark", 2, cwd=bench)
+    p = run(script, *flags, "--benchmark", 2, "--r1", 1, "--r1-every", 1, cwd=bench)  # R1 in every step
     assert re.search(r"[\d,]+ images/s, [\d.]+ TFLOP/s", p.stdout), p.stdout
     assert list(bench.iterdir()) == []  # no data, no files
 
