@@ -176,7 +176,7 @@ def die(msg, code=2):
 
 def weights_init(m):
     # the paper: every weight from N(0, 0.02), BatchNorm scale from N(1, 0.02)
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight  # spectral norm's
         nn.init.normal_(w, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
@@ -265,10 +265,10 @@ def build(args, device, amp):
     D = D.to(device, memory_format=memory_format(device))
     if WORLD > 1 and args.sync_bn:  # BatchNorm statistics over the global batch, not over each rank's part of it
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per update, also under GradScaler
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}  # one kernel per update, also under GradScaler
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **fused)
-    if args.d_optim == "sgd":  # SGD with momentum for D, as in ganhacks
-        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9, **fused)
+    if args.d_optim == "sgd":  # with momentum for D, as in ganhacks; unfused: fused SGD moves its momentum on the steps
+        opt_d = torch.optim.SGD(D.parameters(), lr=args.lr_d, momentum=0.9)  # fp16's GradScaler skips (inf, then NaN)
     else:
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **fused)
     # EMA of G's weights (Yazici et al. 2019, https://arxiv.org/abs/1806.04498), used for every image written
@@ -302,8 +302,9 @@ def train_step(m, real, args, step, steps):
     loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
     penalty = 0  # R1 (Mescheder et al. 2018, https://arxiv.org/abs/1801.04406): gamma/2 |grad D(x)|^2 at real x,
     if args.r1 and step % args.r1_every == 0:  # lazily: every N steps, N times as heavy (as StyleGAN2)
-        x = real.detach().requires_grad_(True)  # a double backward: float32, the plain D (not compiled, not DDP)
-        (grad,) = torch.autograd.grad(m.D(x).sum(), x, create_graph=True)
+        x = real.detach().requires_grad_(True)
+        with m.autocast():  # a double backward: through the plain D (not compiled, not DDP)
+            (grad,) = torch.autograd.grad(m.D(x).float().sum(), x, create_graph=True)
         penalty = args.r1 / 2 * args.r1_every * grad.square().sum([1, 2, 3]).mean()
     optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d + penalty, args.clip_grad)
     # (2) Update G: maximize log D(G(z)) (the non-saturating loss), reusing the batch D just saw
@@ -1060,11 +1061,12 @@ def summary(args):
     x = torch.zeros(1, args.nz, 1, 1)  # through G, then its image through D
     for name, net in (("Generator", m.G), ("Discriminator", m.D)):
         print(f"{name}\n  {'layer':<34}{'output shape':>20}{'parameters':>14}")
+        layers = [layer for part in net.children() for layer in (part if isinstance(part, nn.Sequential) else [part])]
+        for i, layer in enumerate(layers):  # each layer prints its line as the forward pass reaches it
+            row = f"  {i:>2} {type(layer).__name__:<31}{{:>20}}{sum(p.numel() for p in layer.parameters()):>14,}"
+            layer.register_forward_hook(lambda _, x, y, row=row: print(row.format(str(tuple(y.shape[1:])))))
         with torch.no_grad():
-            for i, layer in enumerate(net.eval().main):
-                x = layer(x)
-                n = sum(p.numel() for p in layer.parameters())
-                print(f"  {i:>2} {type(layer).__name__:<31}{tuple(x.shape[1:])!s:>20}{n:>14,}")
+            x = net.eval()(x)
         print(f"  total parameters: {sum(p.numel() for p in net.parameters()):,}\n")
 
 

@@ -155,8 +155,7 @@ def refused(p, *words):
     """A refusal: exactly one line on stderr, `error: ...` (after the name of the helper for make_gif.py and
     plot_losses.py), naming every word. Its exit code is for run() or call() to check."""
     assert len(p.stderr.splitlines()) == 1 and re.match(r"(\w+\.py: )?error: ", p.stderr), p.stderr
-    for word in words:
-        assert word in p.stderr, (word, p.stderr)
+    assert not (missing := [word for word in words if word not in p.stderr]), (missing, p.stderr)
 
 
 def tiny(script, out, *extra):
@@ -182,9 +181,8 @@ def check_run(run_dir, size, channels, steps=None):
     """What a run directory holds: config.json; losses.csv, one row per step from 1, probabilities in [0, 1]; the grids
     of real images and of every epoch, 8 x 8 images in the data's channels; the checkpoint with every key, saved from
     the plain modules, with finite weights, at the last step of the CSV. -> the checkpoint."""
-    run_dir = Path(run_dir)
+    run_dir, last = Path(run_dir), 0
     assert isinstance(config(run_dir), dict)
-    last = 0
     for r in rows(run_dir):
         step, epoch, *vals = int(r[0]), int(r[1]), *map(float, r[2:6])
         assert step == last + 1, f"step {step} follows {last}"
@@ -211,9 +209,7 @@ def assert_same_run(out, ref, size, nc, steps):
     assert (out / "losses.csv").read_bytes() == (ref / "losses.csv").read_bytes()
     assert digest(out / "samples") == digest(ref / "samples") and a["step"] == b["step"]
     for key in ("generator", "discriminator", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+        assert a[key].keys() == b[key].keys() and all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
     for key in ("opt_g", "opt_d"):
         assert a[key]["state"].keys() == b[key]["state"].keys()
         for i, state in a[key]["state"].items():
@@ -353,9 +349,10 @@ def test_generate_interpolate_summary_benchmark_and_every_image_from_the_ema(scr
     p = call(script, *flags, "--summary")
     G = importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt")  # the same flags as the summary
     assert f"total parameters: {sum(q.numel() for q in G.parameters()):,}" in p.stdout
-    assert "ConvTranspose2d" in p.stdout and "Discriminator" in p.stdout
-    bench = tmp_path / "bench"
-    bench.mkdir()
+    assert "ConvTranspose2d" in p.stdout and "Discriminator" in p.stdout  # and every layer's line, with its parameters:
+    rows, totals = ([int(n.replace(",", "")) for n in re.findall(f, p.stdout)] for f in (r"\) +([\d,]+)\n", "rs: (.+)"))
+    assert sum(rows) == sum(totals) and len(totals) == 2
+    (bench := tmp_path / "bench").mkdir()
     p = run(script, *flags, "--benchmark", 2, "--r1", 1, "--r1-every", 1, cwd=bench)  # R1 in every step
     assert re.search(r"[\d,]+ images/s, [\d.]+ TFLOP/s", p.stdout), p.stdout
     assert list(bench.iterdir()) == []  # no data, no files
@@ -485,11 +482,11 @@ def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, t
     del ck["args"]["g_act"], ck["args"]["d_norm"], ck["args"]["r1"]
     torch.save(ck, out / "checkpoint.pt")
     run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
-    assert isinstance(importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt").main[2], torch.nn.ReLU)
+    G = importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt")
+    assert {type(x) for x in G.modules()} & {torch.nn.ReLU, torch.nn.LeakyReLU} == {torch.nn.ReLU}
     ck = load(out / "checkpoint.pt")
     assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3 and ck["args"]["r1"] == 0
-    for opt in ("opt_g", "opt_d"):
-        assert ck[opt]["param_groups"][0]["betas"] == (0.3, 0.999), opt
+    assert [ck[opt]["param_groups"][0]["betas"] for opt in ("opt_g", "opt_d")] == [(0.3, 0.999)] * 2
     assert ck["opt_g"]["param_groups"][0]["lr"] == 1e-3 != ck["opt_d"]["param_groups"][0]["lr"] == ck["args"]["lr_d"]
     p = run(script, "--out", out, "--resume", "--max-steps", 3, "--d-optim", "sgd")
     assert "resume: --d-optim sgd: D's optimizer starts afresh (the run used adam)" in p.stdout
@@ -540,8 +537,11 @@ def test_label_smoothing_targets_float32_losses_under_bf16_and_instance_noise_sc
 
     monkeypatch.setattr(m.F, "binary_cross_entropy_with_logits", spy)
     args, _ = m.parse_args(["--dataset", "synthetic", "--ngf", "4", "--ndf", "4", "--label-smoothing", "0.1"])
-    net = m.build(args, torch.device("cpu"), "bf16")
+    net, passes = m.build(args, torch.device("cpu"), "bf16"), []  # G's first feature maps channels-last (channel stride
+    net.G.main[0].register_forward_hook(lambda _, x, y: passes.append(y.stride(1) == 1))  # 1); every pass of D (R1's
+    net.D.main[0].register_forward_hook(lambda _, x, y: passes.append(y.dtype))  # too) under autocast
     stats = m.train_step(net, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)  # d_real, d_fake: D's before its update
+    assert passes == [True] + [torch.bfloat16] * 4  # real, fake, R1's pass (step 0), G's step
     assert torch.equal(stats[2:], torch.stack([seen[0][3].sigmoid().mean(), seen[1][3].sigmoid().mean()]))
     assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
     assert m.noisy(x := torch.zeros(100_000), 0) is x and m.noisy(x, 0.5).std().item() == pytest.approx(0.5, rel=0.02)
@@ -567,7 +567,7 @@ def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
     run("dcgan_mnist.py", *flags, "--out", tmp_path / "run")
     ck = load(tmp_path / "run" / "checkpoint.pt")
     assert not any(k.startswith("module.") for k in ck["ema"])
-    assert not torch.equal(ck["ema"]["main.1.running_mean"], ck["generator"]["main.1.running_mean"])
+    assert not torch.equal(ck["ema"]["main.0.running_mean"], ck["generator"]["main.0.running_mean"])  # G's first BN
     torch.manual_seed(0)  # the run's seed: the generator the run started from
     nets = {"untrained": m.Generator(100, 16), "live": m.Generator(100, 16), "ema": m.Generator(100, 16)}
     nets["live"].load_state_dict(ck["generator"])
@@ -1856,14 +1856,14 @@ def test_fp16_resume_restores_both_grad_scalers_exactly_and_amp_may_change(tmp_p
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_optimizers_keep_their_own_fused_setting_and_amp_off_enters_no_autocast(script, dry_run, monkeypatch):
-    """A CPU checkpoint resumed with fp16 where optimizers are fused (CUDA), and back; --amp off: no autocast at all."""
+    """Fused on CPUs: a Mac's checkpoint resumed with fp16 where optimizers are fused, and back; --amp off: no autocast."""
     mod, args = module_and_args(script, "--amp", "fp16")
     ck = load(dry_run(script) / "checkpoint.pt")
     for fused in (True, None):
         m = mod.build(args, torch.device("cpu"), "fp16")
+        assert [o.param_groups[0]["fused"] for o in (m.opt_g, m.opt_d)] == [True, True]
         m.opt_g, m.opt_d = (torch.optim.Adam(net.parameters(), fused=fused) for net in (m.G, m.D))
-        for key in ("opt_g", "opt_d"):
-            ck[key]["param_groups"][0]["fused"] = None if fused else True  # what the other device wrote
+        ck["opt_g"]["param_groups"][0]["fused"] = ck["opt_d"]["param_groups"][0]["fused"] = None if fused else True
         mod.restore(m, ck, args, torch.device("cpu"))
         assert [o.param_groups[0]["fused"] for o in (m.opt_g, m.opt_d)] == [fused, fused]
         mod.train_step(m, mod.preprocess(a_batch(script), args), args, 1, 2)  # AssertionError with the saved setting
