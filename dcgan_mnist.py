@@ -3,7 +3,7 @@
 The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) at the digits' native 28x28, from
 4x4 as at 64x64; unlike the paper: batch 64, Adam at 6e-4, an EMA of G, a lazy R1 penalty on D (README: why).
 
-Train (downloads MNIST to ./data; an epoch takes 79 s on one CPU core of a cloud VM):
+Train (downloads MNIST to ./data; an epoch takes about a minute on one CPU core of a cloud VM):
     python dcgan_mnist.py                                        # -> runs/mnist28
     python dcgan_mnist.py --dataset synthetic --epochs 1         # CPU smoke test: no download, no GPU
 Continue a run to 20 epochs in total and sample from it (also --interpolate K, --summary, --benchmark N):
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="one step, all artifacts written; a smoke test")
     p.add_argument("--batch-size", type=number(int, 2), default=64, help="images per step")
     p.add_argument("--nz", type=number(int, 1), default=100, help="size of the latent vector z")
-    p.add_argument("--ngf", type=number(int, 1), default=32, help="width of the generator")
+    p.add_argument("--ngf", type=number(int, 1), default=24, help="width of the generator")
     p.add_argument("--ndf", type=number(int, 1), default=32, help="width of the discriminator")
     p.add_argument("--lr-g", type=number(float, 0), default=6e-4, help="generator learning rate (the paper: 2e-4)")
     p.add_argument("--lr-d", type=number(float, 0), default=6e-4, help="discriminator learning rate (TTUR if != lr-g)")
