@@ -302,8 +302,8 @@ def train_step(m, real, args, step, steps):
     loss_d = loss_d + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
     penalty = 0  # R1 (Mescheder et al. 2018, https://arxiv.org/abs/1801.04406): gamma/2 |grad D(x)|^2 at real x,
     if args.r1 and step % args.r1_every == 0:  # lazily: every N steps, N times as heavy (as StyleGAN2)
-        x = real.detach().requires_grad_(True)
-        with m.autocast():  # a double backward: through the plain D (not compiled, not DDP)
+        x = real.detach().requires_grad_(True)  # a double backward through the plain D (not compiled, not DDP), in
+        with contextlib.nullcontext() if m.scaler_d.is_enabled() else m.autocast():  # float32 under fp16 (unscaled)
             (grad,) = torch.autograd.grad(m.D(x).float().sum(), x, create_graph=True)
         penalty = args.r1 / 2 * args.r1_every * grad.square().sum([1, 2, 3]).mean()
     optimizer_step(m.opt_d, m.D, m.scaler_d, loss_d + penalty, args.clip_grad)

@@ -482,8 +482,7 @@ def test_flags_typed_with_resume_take_effect_also_on_an_old_checkpoint(script, t
     del ck["args"]["g_act"], ck["args"]["d_norm"], ck["args"]["r1"]
     torch.save(ck, out / "checkpoint.pt")
     run(script, "--out", out, "--resume", "--max-steps", 2, "--beta1", 0.3, "--lr-g", 1e-3)
-    G = importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt")
-    assert {type(x) for x in G.modules()} & {torch.nn.ReLU, torch.nn.LeakyReLU} == {torch.nn.ReLU}
+    assert "LeakyReLU" not in repr(importlib.import_module(script[:-3]).load_generator(out / "checkpoint.pt"))
     ck = load(out / "checkpoint.pt")
     assert ck["args"]["beta1"] == 0.3 and ck["args"]["lr_g"] == 1e-3 and ck["args"]["r1"] == 0
     assert [ck[opt]["param_groups"][0]["betas"] for opt in ("opt_g", "opt_d")] == [(0.3, 0.999)] * 2
@@ -546,6 +545,10 @@ def test_label_smoothing_targets_float32_losses_under_bf16_and_instance_noise_sc
     assert [s[2] for s in seen] == [pytest.approx(0.9, abs=1e-7), 0.0, 1.0]
     assert m.noisy(x := torch.zeros(100_000), 0) is x and m.noisy(x, 0.5).std().item() == pytest.approx(0.5, rel=0.02)
     assert all(s[:2] == (torch.float32, torch.float32) for s in seen)
+    fp16 = m.build(args, torch.device("cpu"), "fp16")  # under fp16 R1's pass is in float32: nothing would scale it
+    fp16.D.main[0].register_forward_hook(lambda _, x, y: passes.append(y.dtype))
+    m.train_step(fp16, torch.rand(4, 1, 28, 28) * 2 - 1, args, 0, 1)
+    assert passes[5:] == [torch.float16, torch.float16, torch.float32, torch.float16]
     sigmas = {}
     for schedule in ("anneal", "constant"):
         got = sigmas[schedule] = []
@@ -572,11 +575,9 @@ def test_ema_warms_up_and_averages_batchnorm_statistics(tmp_path):
     nets = {"untrained": m.Generator(100, 16), "live": m.Generator(100, 16), "ema": m.Generator(100, 16)}
     nets["live"].load_state_dict(ck["generator"])
     nets["ema"].load_state_dict(ck["ema"])
-    with torch.no_grad():
-        z = torch.randn(256, 100, 1, 1)
-        out = {k: g.eval()(z) for k, g in nets.items()}
-    ema_vs_live = (out["ema"] - out["live"]).abs().mean().item()
-    untrained_vs_live = (out["untrained"] - out["live"]).abs().mean().item()
+    z = torch.randn(256, 100, 1, 1)
+    out = {k: g.eval()(z).detach() for k, g in nets.items()}
+    ema_vs_live, untrained_vs_live = ((out[k] - out["live"]).abs().mean().item() for k in ("ema", "untrained"))
     assert ema_vs_live < 0.5 * untrained_vs_live, (ema_vs_live, untrained_vs_live)
     stds = {k: round(v.std().item(), 3) for k, v in out.items()}  # contrast: strokes on black, not a flat gray
     assert stds["ema"] > 0.7 * stds["live"] and stds["ema"] > 2 * stds["untrained"], stds
@@ -1868,8 +1869,7 @@ def test_optimizers_keep_their_own_fused_setting_and_amp_off_enters_no_autocast(
         assert [o.param_groups[0]["fused"] for o in (m.opt_g, m.opt_d)] == [fused, fused]
         mod.train_step(m, mod.preprocess(a_batch(script), args), args, 1, 2)  # AssertionError with the saved setting
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: pytest.fail(f"autocast{a}{k}"))
-    with mod.build(args, torch.device("cpu"), "off").autocast():
-        pass
+    mod.build(args, torch.device("cpu"), "off").autocast()  # a nullcontext, not torch.autocast
 
 
 @slow
