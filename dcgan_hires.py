@@ -2,10 +2,9 @@
 
 The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434) grown by one stride-2 stage per
 doubling of the resolution, in G and in D, with the widths capped at 8 x --ngf/--ndf (23M parameters in all at 256).
-Plain DCGAN is fragile at these sizes, so four defaults differ from dcgan_celeba.py, each a flag that turns it off:
-spectral norm in D instead of BatchNorm (--no-spectral-norm; Miyato et al. 2018), one-sided label smoothing 0.1
-(--label-smoothing 0; Salimans et al. 2016), an EMA of G's weights for every sample and image (--ema 0; Yazici et
-al. 2019), and batch 64 per process.
+Trained with dcgan_celeba.py's recipe (batch 64 per process, Adam at 6e-4, an EMA of G, a lazy R1 penalty on D) and,
+as plain DCGAN is fragile at these sizes, two defaults more: spectral norm in D instead of BatchNorm
+(--no-spectral-norm; Miyato et al. 2018) and one-sided label smoothing 0.1 (--label-smoothing 0; Salimans et al. 2016).
 Images are decoded once into a uint8 cache on disk; batches come from it on the GPU when it fits, else from its
 memory map, so that the memory the process owns stays a few batches whatever the data size.
 
@@ -113,8 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--nz", type=number(int, 1), default=100, help="size of the latent vector z")
     p.add_argument("--ngf", type=number(int, 1), default=64, help="width of the generator")
     p.add_argument("--ndf", type=number(int, 1), default=64, help="width of the discriminator")
-    p.add_argument("--lr-g", type=number(float, 0), default=2e-4, help="generator learning rate")
-    p.add_argument("--lr-d", type=number(float, 0), default=2e-4, help="discriminator learning rate (TTUR if != lr-g)")
+    p.add_argument("--lr-g", type=number(float, 0), default=6e-4, help="generator learning rate (the paper: 2e-4)")
+    p.add_argument("--lr-d", type=number(float, 0), default=6e-4, help="discriminator learning rate (TTUR if != lr-g)")
     p.add_argument("--beta1", type=number(float, 0, 1), default=0.5, help="Adam beta1 (0.5 as in the paper)")
     p.add_argument("--beta2", type=number(float, 0, 1), default=0.999, help="Adam beta2")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; same seed + device = same run")
@@ -135,7 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=number(int, 1), default=50, help="flush device-side statistics every N steps")
     p.add_argument("--save-every", type=number(int, 0), default=1000, help="checkpoint every N steps (and per epoch)")
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tb (needs tensorboard)")
-    tricks = p.add_argument_group("architecture and training tricks (spectral norm, label smoothing, EMA: default on)")
+    tricks = p.add_argument_group("architecture and training tricks (SN, label smoothing, R1, EMA: default on)")
     tricks.add_argument("--g-act", default="relu", choices=["relu", "leaky"], help="G's activation (leaky: slope 0.2)")
     tricks.add_argument("--d-norm", default="auto", choices=["auto", "batch", "none"], help="BN in D (auto: unless SN)")
     tricks.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="real target 1-S")
@@ -147,15 +146,15 @@ def parse_args(argv=None):
                         help="spectral norm on D's convolutions, in place of its BatchNorm")  # fmt: skip
     tricks.add_argument("--d-dropout", type=number(float, 0, 1), default=0.0, help="spatial dropout in D")
     tricks.add_argument("--clip-grad", type=number(float, 0), default=0.0, help="clip gradient norm (0: off)")
-    tricks.add_argument("--r1", type=number(float, 0), default=0.0, help="R1 gradient penalty weight on D (0: off)")
+    tricks.add_argument("--r1", type=number(float, 0), default=0.3, help="R1 gradient penalty weight on D (0: off)")
     tricks.add_argument("--r1-every", type=number(int, 1), default=16, help="R1 every N steps (lazy)")
     tricks.add_argument("--ema", type=number(float, 0, 1), default=0.999, help="EMA decay of G's weights (0: off)")
     tricks.add_argument("--flip", action="store_true", help="random horizontal flip of real images")
     args, ck = p.parse_args(argv), None
     out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
     if args.resume:  # parse again with the run's arguments as defaults: what was typed wins, FRESH is never taken
-        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-        p.set_defaults(**{k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
+        ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))  # a run from before --r1 goes on without R1
+        p.set_defaults(**{"r1": 0.0} | {k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
         args = p.parse_args(argv)
         diff = [f"--{k.replace('_', '-')} {ck['args'][k]} (checkpoint) vs {getattr(args, k)}"
                 for k in ARCH if k in ck["args"] and ck["args"][k] != getattr(args, k)]  # fmt: skip

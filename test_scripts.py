@@ -1513,6 +1513,9 @@ def test_hires_256_model_and_the_defaults_that_differ_from_dcgan_celeba(tmp_path
     check_run(tmp_path / "run", 256, 3, steps=1)
     call(HIRES, "--out", tmp_path / "run", "--generate", 2)  # nothing trains: in this process
     assert Image.open(tmp_path / "run" / "generated" / "000000.png").size == (256, 256)
+    recipe = ("batch_size", "lr_g", "lr_d", "beta1", "ema", "r1", "r1_every")  # dcgan_celeba.py's, as the README says
+    shared = [64, 6e-4, 6e-4, 0.5, 0.999, 0.3, 16]
+    assert [[vars(s.parse_args([])[0])[k] for k in recipe] for s in (d, h)] == [shared, shared]
     # spectral norm in D (instead of its BatchNorm), label smoothing 0.1 and an EMA of G by default; each turns off
     run(HIRES, *tiny(HIRES, tmp_path / "off", "--dry-run", "--no-spectral-norm", "--label-smoothing", 0, "--ema", 0))
     for out, on, values in ((dry_run(HIRES), True, (0.1, 0.999)), (tmp_path / "off", False, (0, 0))):
