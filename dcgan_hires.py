@@ -71,7 +71,7 @@ NC, MAX_MULT = 3, 8  # RGB; widest layer ngf*8 / ndf*8: 23M parameters in all at
 RANK = int(os.environ.get("RANK", "0"))  # this process among all
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process on its machine: the GPU it drives
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # processes in all
-ARCH = ("nz", "ngf", "ndf", "size", "g_act", "d_norm", "spectral_norm")  # they shape the networks: --resume keeps them
+ARCH = ("nz", "ngf", "ndf", "size", "channels", "g_act", "d_norm", "spectral_norm")  # network shape: --resume keeps it
 FRESH = ["out", "resume", "max_steps", "dry_run", "generate", "checkpoint", "interpolate", "summary", "benchmark"]
 COLUMNS = ["step", "epoch", "loss_d", "loss_g", "d_real", "d_fake"]
 
@@ -98,6 +98,7 @@ def parse_args(argv=None):
                    "(default ./data/<dataset>)")  # fmt: skip
     p.add_argument("--size", type=int, default=128, choices=SIZES, help="image size")
     p.add_argument("--crop", type=number(int, 1), default=None, help="centre crop of N pixels before resizing")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="of G and D (default: 1 if every image is gray)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<dataset><size>)")
     p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images (default: all)")
     p.add_argument("--download", action="store_true", help="celeba: try torchvision's download if --data is empty")
@@ -154,7 +155,8 @@ def parse_args(argv=None):
     out = args.out or os.path.join("runs", f"{args.dataset}{args.size}")
     if args.resume:  # parse again with the run's arguments as defaults: what was typed wins, FRESH is never taken
         ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))  # a run from before --r1 goes on without R1
-        p.set_defaults(**{"r1": 0.0} | {k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
+        old = {"r1": 0.0, "channels": NC}  # a run from before --r1 or --channels: without R1, in colour
+        p.set_defaults(**old | {k: v for k, v in ck["args"].items() if k in vars(args) and k not in FRESH})
         args = p.parse_args(argv)
         diff = [f"--{k.replace('_', '-')} {ck['args'][k]} (checkpoint) vs {getattr(args, k)}"
                 for k in ARCH if k in ck["args"] and ck["args"][k] != getattr(args, k)]  # fmt: skip
@@ -258,9 +260,10 @@ def memory_format(device):  # channels-last is faster, but MPS's BatchNorm backw
 
 def build(args, device, amp):
     """Networks, EMA copy, optimizers and grad scalers: everything a checkpoint holds."""
-    G = Generator(args.nz, args.ngf, NC, args.size, args.g_act).to(device, memory_format=memory_format(device))
+    nc = args.channels or NC  # None: --summary and --benchmark of a fresh run
+    G = Generator(args.nz, args.ngf, nc, args.size, args.g_act).to(device, memory_format=memory_format(device))
     batch_norm = args.d_norm == "batch" or (args.d_norm == "auto" and not args.spectral_norm)
-    D = Discriminator(args.ndf, NC, args.size, args.spectral_norm, args.d_dropout, batch_norm)
+    D = Discriminator(args.ndf, nc, args.size, args.spectral_norm, args.d_dropout, batch_norm)
     D = D.to(device, memory_format=memory_format(device))
     if WORLD > 1 and args.sync_bn:  # BatchNorm statistics over the global batch, not over each rank's part of it
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
@@ -336,8 +339,7 @@ def optimizer_step(opt, net, scaler, loss, clip):
     scaler.update()
 
 
-def update_ema(ema, G, decay):
-    """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
+def update_ema(ema, G, decay):  # ema <- decay * ema + (1 - decay) * G, BatchNorm statistics too: they fit the average
     for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
         if e.is_floating_point():  # not BatchNorm's num_batches_tracked: with a momentum it is never read
             e.lerp_(g, 1 - decay)
@@ -362,8 +364,7 @@ UPRIGHT = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRA
 _worker = {}  # a decoding process's state: its open zip serves all its images
 
 
-def show(path):
-    """A path as the user would type it: relative to the working directory when below it."""
+def show(path):  # a path as the user would type it: relative to the working directory when below it
     return path if (rel := os.path.relpath(path)).startswith("..") else rel
 
 
@@ -404,8 +405,7 @@ def decode_image(fp, size, crop=None):
         turn = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
         side = min(w, h, crop or w)
         scale = max([s for s in (2, 4, 8) if side // s >= size], default=1)
-        # JPEG (draft is a no-op for other formats): libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, most
-        # of the decoding speed-up; the crop box is then in the reduced image's coordinates
+        # JPEG: libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, the crop box then scaled (else a no-op)
         s = 1 / scale if img.draft("RGB", (w // scale, h // scale)) else 1
         x0, y0, side = (w - side) / 2 * s, (h - side) / 2 * s, side * s
         if img.mode.startswith("I"):  # 16/32-bit gray: scale, where convert() would clip at 255
@@ -413,8 +413,7 @@ def decode_image(fp, size, crop=None):
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # composite on white, not on black
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, (x0, y0, x0 + side, y0 + side), 3.0)
-        if turn is not None:  # the centred square of the upright photo is this one turned
-            img = img.transpose(turn)
+        img = img if turn is None else img.transpose(turn)  # the centred square of the upright photo, turned
         return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
 
 
@@ -461,8 +460,7 @@ def build_cache(source, names, path, size, crop, workers):
     chunk = max(4, 2**18 // size**2)  # images per task: ~0.8 MB of results, a progress bar that moves
     tasks = [names[i : i + chunk] for i in range(0, len(names), chunk)]
     workers = min(workers or 1, len(tasks))
-    # fork: no re-import of torch per worker (DataLoader's choice on Linux). Not multiprocessing.Pool, whose imap
-    # hangs forever when a worker is killed (OOM) or raises KeyboardInterrupt; the executor raises that here
+    # fork: no re-import of torch per worker. Not multiprocessing.Pool: its imap hangs forever when a worker dies
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, context, initializer=init_worker, initargs=(source, size, crop))
     header = {"descr": "|u1", "fortran_order": False, "shape": (len(names), 3, size, size)}
@@ -595,13 +593,18 @@ def synthetic_faces(n, size, seed=0):
 
 
 def load_dataset(args):
-    """The training images, uint8 (N, 3, S, S): a tensor (synthetic), else the memory map of the images' cache."""
+    """The training images, uint8 (N, C, S, S): a tensor (synthetic), else the memory map of the images' cache."""
     if args.dataset == "synthetic":
         t0 = time.perf_counter()
         data = synthetic_faces(args.max_images or min(4096, 2**18 // args.size), args.size)  # 4096, 2048 or 1024
         print(f"data: {len(data)} synthetic {args.size}px faces (generated in {time.perf_counter() - t0:.1f} s)")
-        return data
-    return load_image_folder(args)
+    else:
+        data = load_image_folder(args)
+    colour = any((data[i : i + 256, 1:] != data[i : i + 256, :1]).any() for i in range(0, len(data), 256))
+    if args.channels == 1 and colour:
+        die(f"--channels 1 takes gray images, but some of {args.dataset}'s are in colour: convert them first")
+    args.channels = args.channels or (3 if colour else 1)  # gray (R = G = B): a gray G, no colour for D to catch
+    return data[:, : args.channels]
 
 
 @functools.cache
@@ -618,18 +621,19 @@ def load_shared(args):
         return load_dataset(args)
     if RANK == 0:  # it keeps the memory map it checked: another run may replace the file meanwhile
         data = load_dataset(args)
-        dist.broadcast_object_list([data.filename], src=0, group=host_group())
+        dist.broadcast_object_list([data.filename, args.channels], src=0, group=host_group())
         return data
-    name = [None]
+    name = [None, None]
     dist.broadcast_object_list(name, src=0, group=host_group())
+    args.channels = name[1]
     if not os.path.exists(name[0]):  # several machines, each with its own disk
         die(f"rank {RANK} cannot see the cache rank 0 built, {name[0]}: put --data and --cache-dir on a file "
             "system all machines share, or build the cache on each machine first (a --dry-run)")  # fmt: skip
-    return np.load(name[0], mmap_mode="r")
+    return np.load(name[0], mmap_mode="r")[:, : args.channels]
 
 
 class BatchSource:
-    """Shuffled uint8 batches (B, 3, S, S) on `device`, in an order set by (seed, epoch) alone: a resumed run sees the
+    """Shuffled uint8 batches (B, C, S, S) on `device`, in an order set by (seed, epoch) alone: a resumed run sees the
     very batches it would have seen. The whole set on the GPU when it fits --data-memory, else gathered on the host from
     the array or the cache's memory map (reclaimable file cache), for CUDA via a pinned buffer copied asynchronously.
     DDP: every rank draws the same permutation, and step s takes its next world x batch_size images, each rank its own
@@ -658,7 +662,7 @@ class BatchSource:
             for i in range(0, self.n, self.batch_size):  # batch by batch: no second copy of the set in RAM
                 on_gpu[i : i + self.batch_size] = self.gather(np.arange(i, min(i + self.batch_size, self.n)))
             self.data, where = on_gpu, f"the whole set on {self.device}"
-        print(f"batches: {where} ({self.data.nbytes / 1e9:.2f} GB)")
+        print(f"batches: {where} ({self.data.shape[1]} channels, {self.data.nbytes / 1e9:.2f} GB)")
 
     def __len__(self):
         return self.n // (self.batch_size * self.world)
@@ -820,7 +824,7 @@ def load_generator(path, device="cpu"):
     """The generator a checkpoint describes, with its EMA weights when it has them, in eval mode on `device`."""
     ck = load_checkpoint(path)
     a = ck["args"]
-    G = Generator(a["nz"], a["ngf"], NC, a["size"], a.get("g_act", "relu"))
+    G = Generator(a["nz"], a["ngf"], a.get("channels") or NC, a["size"], a.get("g_act", "relu"))
     load_weights(G, ck.get("ema") or ck["generator"])
     return G.to(device).eval()
 
@@ -895,9 +899,8 @@ def setup(args):
     elif amp == "auto":
         cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
         amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
-    print(f"seed: {args.seed}")
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"amp: {amp}")
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"seed: {args.seed}\ndevice: {device}{gpu}\namp: {amp}")
     if WORLD > 1:
         print(f"ddp: {WORLD} processes over {dist.get_backend()}, {args.batch_size} images each per step")
     return device, amp
@@ -1048,8 +1051,7 @@ def interpolate(args):
     with torch.no_grad():
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
-                images = to_uint8(G(slerp(a, b, t)[..., None, None]))
-                frames.append(tile(images, 4).permute(1, 2, 0).squeeze(-1).numpy())
+                frames.append(tile(to_uint8(G(slerp(a, b, t)[..., None, None])), 4).movedim(0, -1).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
@@ -1074,7 +1076,7 @@ def benchmark(args):
 
     device, amp = setup(args)
     m = build(args, device, amp)
-    shape = (args.batch_size, NC, args.size, args.size)
+    shape = (args.batch_size, args.channels or NC, args.size, args.size)
     real = preprocess(torch.randint(0, 256, shape, dtype=torch.uint8, device=device), args)
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     no_r1 = SimpleNamespace(**vars(args) | {"r1": 0})  # R1's autograd.grad fails under FlopCounterMode: not counted

@@ -282,8 +282,7 @@ def optimizer_step(opt, net, scaler, loss, clip):
     scaler.update()
 
 
-def update_ema(ema, G, decay):
-    """ema <- decay * ema + (1 - decay) * G, BatchNorm statistics included, so that they fit the averaged weights."""
+def update_ema(ema, G, decay):  # ema <- decay * ema + (1 - decay) * G, BatchNorm statistics too: they fit the average
     for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
         if e.is_floating_point():  # not BatchNorm's num_batches_tracked: with a momentum it is never read
             e.lerp_(g, 1 - decay)
@@ -540,9 +539,8 @@ def setup(args):
     elif amp == "auto":
         cpu = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
         amp = "bf16" if device.type == "cpu" and ("avx512_bf16" in cpu or "amx_bf16" in cpu) else "off"
-    print(f"seed: {args.seed}")
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"amp: {amp}")
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"seed: {args.seed}\ndevice: {device}{gpu}\namp: {amp}")
     return device, amp
 
 
@@ -670,8 +668,7 @@ def interpolate(args):
     with torch.no_grad():
         for a, b in zip(keys, keys.roll(-1, 0)):
             for t in torch.arange(args.interpolate) / args.interpolate:
-                images = to_uint8(G(slerp(a, b, t)[..., None, None]))
-                frames.append(tile(images, 4).permute(1, 2, 0).squeeze(-1).numpy())
+                frames.append(tile(to_uint8(G(slerp(a, b, t)[..., None, None])), 4).movedim(0, -1).squeeze(-1).numpy())
     path = os.path.join(args.out, "interpolation.gif")
     atomic_write(path, lambda f: iio.imwrite(f, np.stack(frames), extension=".gif", duration=80, loop=0))
     print(f"wrote {path}: {len(frames)} frames")
