@@ -1,4 +1,4 @@
-"""DCGAN on 64x64 (or 32x32) colour images: CelebA, any folder or zip of images, CIFAR-10, or a synthetic set.
+"""DCGAN on 64x64 (or 32x32) images: CelebA, any folder or zip of images (gray ones in gray), CIFAR-10, synthetic faces.
 
 The DCGAN of Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434), as in the paper at 64x64:
 transposed convolutions, BatchNorm and ReLU in G, strided convolutions, BatchNorm and LeakyReLU(0.2) in D; unlike
