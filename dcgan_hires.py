@@ -98,7 +98,7 @@ def parse_args(argv=None):
                    "(default ./data/<dataset>)")  # fmt: skip
     p.add_argument("--size", type=int, default=128, choices=SIZES, help="image size")
     p.add_argument("--crop", type=number(int, 1), default=None, help="centre crop of N pixels before resizing")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="of G and D (default: 1 if every image is gray)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="channels of G, D (default: 1 if all images are gray)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<dataset><size>)")
     p.add_argument("--max-images", type=number(int, 1), default=None, help="train on the first N images (default: all)")
     p.add_argument("--download", action="store_true", help="celeba: try torchvision's download if --data is empty")
