@@ -662,7 +662,7 @@ class BatchSource:
             for i in range(0, self.n, self.batch_size):  # batch by batch: no second copy of the set in RAM
                 on_gpu[i : i + self.batch_size] = self.gather(np.arange(i, min(i + self.batch_size, self.n)))
             self.data, where = on_gpu, f"the whole set on {self.device}"
-        print(f"batches: {where} ({self.data.shape[1]} channels, {self.data.nbytes / 1e9:.2f} GB)")
+        print(f"batches: {where} ({self.data.nbytes / 1e9:.2f} GB; channels: {self.data.shape[1]})")
 
     def __len__(self):
         return self.n // (self.batch_size * self.world)
